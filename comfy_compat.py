@@ -1,0 +1,10 @@
+"""The one place the pack touches ComfyUI's node API, so a newer or older ComfyUI fails here
+with a clear message instead of deep inside a node."""
+
+try:
+    from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401
+except ImportError as exc:  # ComfyUI before the V3 node API (0.3.4x and older)
+    raise ImportError(
+        "Likeness needs ComfyUI 0.3.75 or newer (the V3 node API, comfy_api.latest). "
+        "Update ComfyUI, then restart it."
+    ) from exc

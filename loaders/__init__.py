@@ -1,0 +1,1 @@
+"""Files → objects: model folders, checkpoint key mapping, safe loading."""
