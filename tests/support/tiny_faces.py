@@ -80,9 +80,6 @@ def build_square_detector():
 
 def iresnet_state_dict(layers=(1, 1, 1, 1), widths=(8, 16, 16, 32), num_features=512, seed=0):
     """Random weights for the arcface_torch iresnet layout with its real key names."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from likeness_blocks.arcface import IResNet
 
     g = torch.Generator().manual_seed(seed)
