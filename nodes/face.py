@@ -217,7 +217,7 @@ class IdentityMetrics(io.ComfyNode):
         fm = M.face_motion(gray, [d[0] if d is not None else None for d in dets])
         summary, rows = M.summarize(rgb.shape[0], ids, cos.tolist(), ifs, fm, [dets[t][2] for t in ids])
         table = M.table_json(summary, rows)
-        plot = torch.from_numpy(M.plot_metrics(summary, rows)).float().div(255.0).unsqueeze(0)
+        plot = torch.from_numpy(M.plot_metrics(summary, rows).copy()).float().div(255.0).unsqueeze(0)
         text = (f"similarity to reference {summary['similarity_to_reference_mean']:.4f}, IFS {summary['inter_frame_similarity_mean']:.4f}, "
                 f"face motion {summary['face_motion_mean']:.3f} px/frame, frames without face {summary['frames_without_face']}/{summary['frames']}")
         return io.NodeOutput(
