@@ -94,3 +94,27 @@ def test_skip_mode_reports_and_unknown_pack_is_rejected(face_server):
         assert "antelopev2_missing" in text
         assert "was not found" in text or "not in list" in text or "Value not in list" in text
     face_server.run(embed_prompt(), timeout=120)
+
+
+def test_example_workflow_matches_the_server_nodes(face_server):
+    from support.paths import REPO
+
+    wf = json.loads((REPO / "example_workflows" / "likeness_face_identity_metrics.json").read_text())
+    info = face_server.object_info()
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    for n in wf["nodes"]:
+        if n["type"] == "Note":
+            assert "antelopev2" in n["widgets_values"][0] and "glintr100.onnx" in n["widgets_values"][0]
+            continue
+        assert n["type"] in info, n["type"]
+        spec = info[n["type"]]
+        linked = {i["name"] for i in n["inputs"]}
+        widgets = [k for sec in ("required", "optional") for k, v in spec["input"].get(sec, {}).items()
+                   if k not in linked and (isinstance(v[0], list) or v[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"))]
+        if n["type"].startswith("Likeness"):
+            assert len(n["widgets_values"]) == len(widgets), (n["type"], widgets, n["widgets_values"])
+            assert [o["name"] for o in n["outputs"]] == list(spec["output_name"])
+    for lid, a, ao, b, bi, t in wf["links"]:
+        assert by_id[a]["outputs"][ao]["type"] == t and by_id[b]["inputs"][bi]["type"] == t
+        assert by_id[b]["inputs"][bi]["link"] == lid
+    assert any(n["type"] == "LikenessIdentityMetrics" for n in wf["nodes"])
