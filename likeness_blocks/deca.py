@@ -94,7 +94,8 @@ class DecaFlame(nn.Module):
 
     def __init__(self, encoder: DecaEncoder, flame: FlameLayer, layout=DECA_PARAM_LAYOUT, sliders=None):
         super().__init__()
-        self.encoder = encoder.eval()
+        # channels_last: oneDNN's fast convolution path (about 4x faster than NCHW on CPU)
+        self.encoder = encoder.eval().to(memory_format=torch.channels_last)
         self.flame = flame
         self.layout = tuple(layout)
         self.sliders = sliders or {}  # name -> dict(direction (K,), unit text)
@@ -113,7 +114,8 @@ class DecaFlame(nn.Module):
         if images.shape[-2:] != (DECA_INPUT_SIZE, DECA_INPUT_SIZE):
             raise ValueError(f"DECA takes 224x224 crops; got {tuple(images.shape[-2:])}.")
         p = next(self.encoder.parameters())
-        code = self.encoder(images.to(p.device, p.dtype))
+        x = images.to(p.device, p.dtype).contiguous(memory_format=torch.channels_last)
+        code = self.encoder(x)
         return split_params(code.float(), self.layout)
 
     @torch.no_grad()
