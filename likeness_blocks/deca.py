@@ -89,11 +89,38 @@ def split_params(code, layout=DECA_PARAM_LAYOUT):
     return out
 
 
+@torch.no_grad()
+def fold_batchnorm(encoder: DecaEncoder):
+    """Folds every eval-mode BatchNorm into the convolution before it (in place; same outputs up to
+    float rounding, fewer passes over memory). The folded module no longer has DECA's key names."""
+
+    def fold(conv, bn):
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        conv.weight.mul_(scale[:, None, None, None])
+        bias = bn.bias - bn.running_mean * scale
+        conv.bias = nn.Parameter(bias if conv.bias is None else conv.bias * scale + bias, requires_grad=False)
+
+    trunk = encoder.encoder
+    fold(trunk.conv1, trunk.bn1)
+    trunk.bn1 = nn.Identity()
+    for i in range(1, 5):
+        for block in getattr(trunk, f"layer{i}"):
+            for k in (1, 2, 3):
+                fold(getattr(block, f"conv{k}"), getattr(block, f"bn{k}"))
+                setattr(block, f"bn{k}", nn.Identity())
+            if block.downsample is not None:
+                fold(block.downsample[0], block.downsample[1])
+                block.downsample[1] = nn.Identity()
+    return encoder
+
+
 class DecaFlame(nn.Module):
     """DECA E_flame + FLAME layer (the DECA_FLAME socket payload)."""
 
-    def __init__(self, encoder: DecaEncoder, flame: FlameLayer, layout=DECA_PARAM_LAYOUT, sliders=None):
+    def __init__(self, encoder: DecaEncoder, flame: FlameLayer, layout=DECA_PARAM_LAYOUT, sliders=None, fuse=True):
         super().__init__()
+        if fuse:
+            encoder = fold_batchnorm(encoder.eval())
         # channels_last: oneDNN's fast convolution path (about 4x faster than NCHW on CPU)
         self.encoder = encoder.eval().to(memory_format=torch.channels_last)
         self.flame = flame

@@ -243,6 +243,21 @@ def test_deca_encoder_matches_numpy_reference(tmp_path):
     assert codes["light"].shape == (1, 9, 3)
 
 
+def test_batchnorm_folding_keeps_outputs(tmp_path, flame_pkl):
+    from likeness_blocks.deca import DecaFlame, load_deca_encoder
+
+    path = tmp_path / "deca_model.tar"
+    save_synthetic_deca_tar(path, blocks=(1, 2, 1, 1), base_width=8, hidden=32)
+    img = torch.rand(2, 3, 224, 224)
+    ref = load_deca_encoder(str(path))(img)
+    flame = FlameLayer(flame_pkl[1])
+    folded = DecaFlame(load_deca_encoder(str(path)), flame)
+    assert not any("bn" in k for k in folded.encoder.state_dict())
+    codes = folded.encode(img)
+    torch.testing.assert_close(torch.cat([codes[k].flatten(1) for k in ("shape", "tex", "exp", "pose", "cam", "light")], 1),
+                               ref, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_deca_tar_formats_and_real_key_names(tmp_path, legacy):
     from likeness_blocks.deca import load_deca_encoder
