@@ -388,3 +388,31 @@ def test_ply_ascii_with_extra_properties(tmp_path):
     with pytest.raises(ValueError, match="not a .ply"):
         (tmp_path / "c.ply").write_text("hello")
         read_ply(tmp_path / "c.ply")
+
+
+# ---------------------------------------------------------------- node helpers (in-process pack)
+
+
+def test_standard_crop_from_face_embeds(pack):
+    import importlib
+
+    from likeness_blocks.face_types import DetectedFace, FaceEmbeds
+
+    geo = importlib.import_module("likeness_pack.nodes.geometry")
+    image = torch.rand(2, 120, 160, 3)
+    small = DetectedFace(0, torch.tensor([10.0, 10, 30, 30]), torch.zeros(5, 2), 0.9, torch.zeros(512))
+    big = DetectedFace(0, torch.tensor([40.0, 20, 100, 100]), torch.zeros(5, 2), 0.9, torch.zeros(512))
+    other = DetectedFace(1, torch.tensor([50.0, 30, 90, 80]), torch.zeros(5, 2), 0.9, torch.zeros(512))
+    fe = FaceEmbeds(faces=[small, big, other], image_sizes=[(120, 160), (120, 160)])
+    out = geo.deca_inputs(image, geo.CROP_BOX, fe)
+    assert out.shape == (2, 3, 224, 224)
+    chw = image.permute(0, 3, 1, 2)
+    torch.testing.assert_close(out[0], crop_square(chw[0], *deca_box_square((40, 20, 100, 100))).clamp(0, 1))  # largest face
+    torch.testing.assert_close(out[1], crop_square(chw[1], *deca_box_square((50, 30, 90, 80))).clamp(0, 1))
+    with pytest.raises(ValueError, match="no face for image 1"):
+        geo.deca_inputs(image, geo.CROP_BOX, FaceEmbeds(faces=[big], image_sizes=[(120, 160), (120, 160)]))
+    with pytest.raises(ValueError, match="connect the same IMAGE"):
+        geo.deca_inputs(image, geo.CROP_BOX, FaceEmbeds(faces=[big, other], image_sizes=[(100, 100), (100, 100)]))
+    with pytest.raises(ValueError, match="needs face_embeds"):
+        geo.deca_inputs(image, geo.CROP_BOX, None)
+    torch.testing.assert_close(geo.deca_inputs(image, geo.CROP_FANTASYID), resize_whole(chw))
