@@ -60,16 +60,21 @@ def main():
 
     for _ in range(args.warmup):
         v = one()
-    times = []
+    times, cpu = [], []
     for _ in range(args.runs):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         v = one()
         times.append((time.perf_counter() - t) * 1000)
+        cpu.append((time.process_time() - c) * 1000)
     res = {
         "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__, "crop": args.crop,
         "encoder_params": n_params, "vertices": list(v.shape), "runs": args.runs,
         "median_ms": round(statistics.median(times), 1), "mean_ms": round(statistics.mean(times), 1),
         "min_ms": round(min(times), 1), "max_ms": round(max(times), 1),
+        # CPU seconds this process used per image (all threads): on a busy shared machine, cpu_ms / threads
+        # is a lower bound of the uncontended wall time, wall time an upper bound
+        "cpu_ms_median": round(statistics.median(cpu), 1),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
         "write_files_s": round(t1 - t0, 2), "load_s": round(t2 - t1, 2), "goal_ms": 200,
     }
     print(json.dumps(res, indent=1))
