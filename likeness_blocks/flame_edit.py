@@ -1,8 +1,9 @@
 """Named FLAME shape sliders, derived from whichever FLAME basis is loaded.
 
 Each slider is a linear measurement m(v) of the neutral head (e.g. cheek-to-cheek width),
-picked on the loaded template by position only (front half of the head, height bands
-relative to the face). Because FLAME is linear in its shape coefficients,
+over vertex regions picked on the loaded template by position only (relative to the nose tip,
+in units of the head width; see _measurement_weights). The placement is a heuristic checked on
+synthetic heads only. Because FLAME is linear in its shape coefficients,
 dm/dbeta_k = m(shapedirs[:, :, k]) exactly; the slider direction is that gradient over the
 first K coefficients, normalised to unit length (later sliders are made orthogonal to the
 earlier ones so that they do not fight). Slider value s adds s * direction to the shape
@@ -21,57 +22,53 @@ def _quantile(x, q):
 
 
 def _measurement_weights(template):
-    """template (V,3) -> dict name -> (V,3) weights w so that m(v) = sum(w * v)."""
+    """template (V,3) -> dict name -> (V,3) weights w so that m(v) = sum(w * v).
+
+    Regions are placed relative to the nose tip (the front-most vertex; FLAME looks along +z with
+    y up) in units of the head width W (ear to ear, ~0.155 m in FLAME): cheek band from 0.05 W below
+    to 0.15 W above the nose tip, jaw band 0.25-0.35 W below it, chin 0.35-0.5 W below, forehead
+    0.35-0.5 W above; only vertices less than 0.5 W behind the nose tip count (no ears, no back of
+    the head, little neck)."""
     v = template.float()
     x, y, z = v[:, 0], v[:, 1], v[:, 2]
     nv = v.shape[0]
-    front = z >= _quantile(z, 0.5)
-    yf = y[front]
-    y_lo, y_hi = _quantile(yf, 0.05), _quantile(yf, 0.95)
-    span = max(y_hi - y_lo, 1e-8)
-    x_mid = (_quantile(x, 0.02) + _quantile(x, 0.98)) / 2.0
+    nose = int(torch.argmax(z))
+    xn, yn, zn = float(x[nose]), float(y[nose]), float(z[nose])
+    width = max(_quantile(x, 0.98) - _quantile(x, 0.02), 1e-8)
+    front = z >= zn - 0.5 * width
 
-    def band(a, b):
-        return front & (y >= y_lo + a * span) & (y <= y_lo + b * span)
+    def band(lo, hi, extra=None):
+        m = front & (y >= yn + lo * width) & (y <= yn + hi * width)
+        if extra is not None:
+            m = m & extra
+        idx = torch.nonzero(m).flatten()
+        return idx if idx.numel() >= 4 else torch.nonzero(front).flatten()
 
-    def sides(mask, frac=0.15):
-        idx = torch.nonzero(mask).flatten()
-        if idx.numel() < 4:
-            idx = torch.nonzero(front).flatten()
+    def width_weights(idx, frac=0.15):
         xs = x[idx]
-        lo, hi = torch.quantile(xs, frac).item(), torch.quantile(xs, 1 - frac).item()
-        left = idx[xs <= lo]
-        right = idx[xs >= hi]
-        return left, right
-
-    def width_weights(mask):
+        left = idx[xs <= torch.quantile(xs, frac)]
+        right = idx[xs >= torch.quantile(xs, 1 - frac)]
         w = torch.zeros(nv, 3)
-        left, right = sides(mask)
         w[right, 0] += 1.0 / len(right)
         w[left, 0] -= 1.0 / len(left)
         return w
 
-    cheek = width_weights(band(0.40, 0.60))
-    jaw = width_weights(band(0.10, 0.25))
-    out = {"face_width": cheek, "jaw_sharpness": cheek - jaw}  # sharper = jaw narrower than cheeks
+    def mean_weights(idx, axis, sign=1.0):
+        w = torch.zeros(nv, 3)
+        w[idx, axis] += sign / len(idx)
+        return w
 
-    length = torch.zeros(nv, 3)
-    fidx = torch.nonzero(front).flatten()
-    central = fidx[(x[fidx] - x_mid).abs() <= 0.15 * span]
-    if central.numel() < 4:
-        central = fidx
-    yc = y[central]
-    top = central[yc >= torch.quantile(yc, 0.9)]
-    bottom = central[yc <= torch.quantile(yc, 0.1)]
-    length[top, 1] += 1.0 / len(top)
-    length[bottom, 1] -= 1.0 / len(bottom)
-    out["face_length"] = length
-
-    chin = torch.zeros(nv, 3)
-    low = central[yc <= torch.quantile(yc, 0.15)]
-    chin[low, 2] += 1.0 / len(low)
-    out["chin_forward"] = chin
-    return out
+    cheek = width_weights(band(-0.05, 0.15))
+    jaw = width_weights(band(-0.35, -0.25))
+    central = (x - xn).abs() <= 0.12 * width
+    chin = band(-0.5, -0.35, central)
+    forehead = band(0.35, 0.5, central)
+    return {
+        "face_width": cheek,
+        "jaw_sharpness": cheek - jaw,  # sharper = jaw narrower than the cheeks
+        "face_length": mean_weights(forehead, 1) + mean_weights(chin, 1, -1.0),
+        "chin_forward": mean_weights(chin, 2),
+    }
 
 
 def derive_sliders(flame, n_coeffs=100):

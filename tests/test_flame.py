@@ -328,6 +328,21 @@ def test_sliders_move_their_measurement(flame_pkl):
             assert abs(float(sliders[names[i]]["direction"] @ sliders[names[j]]["direction"])) < 1e-5
 
 
+def test_sliders_find_structured_components():
+    """A basis with one pure x-scaling and one pure y-scaling component among noise: face_width must pick
+    the first, face_length the second."""
+    arrays = synthetic_flame_arrays(seed=5)
+    sd = arrays["shapedirs"] * 0.02
+    t = arrays["v_template"]
+    sd[:, 0, 5] = 0.05 * t[:, 0]
+    sd[:, 1, 7] = 0.05 * t[:, 1]
+    arrays["shapedirs"] = sd
+    sliders = derive_sliders(FlameLayer(arrays), 100)
+    assert abs(float(sliders["face_width"]["direction"][5])) > 0.9
+    assert abs(float(sliders["face_length"]["direction"][7])) > 0.9
+    assert float(sliders["face_width"]["direction"][5]) > 0  # positive = wider
+
+
 def test_parse_coefficients():
     assert parse_coefficients("0: 1.5, 3=-2; 0:0.5", 100) == {0: 2.0, 3: -2.0}
     assert parse_coefficients("  ", 100) == {}

@@ -150,3 +150,14 @@ def test_bad_inputs_fail_clearly(server, geometry_files):
     # the server keeps serving
     hist = server.run(_prompt("after"), timeout=120)
     assert _png(server, hist, "6").std() > 5
+
+
+def test_convert_flame_node_and_load_converted(server, geometry_files):
+    hist = server.run({"1": {"class_type": "LikenessFlameConvert", "inputs": {"flame_model": FLAME_NAME, "format": "safetensors"}}})
+    out = server.models_dir / "flame" / "tiny_flame.safetensors"
+    assert out.is_file() and hist["outputs"]["1"]["text"] == [str(out)]
+    ref = _ply(server, server.run(_prompt("conv_pkl")), "9")
+    p = _prompt("conv_st")
+    p["2"]["inputs"]["flame_model"] = "tiny_flame.safetensors"
+    got = _ply(server, server.run(p), "9")
+    np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
