@@ -301,12 +301,9 @@ def _input_plys():
     import folder_paths
 
     base = folder_paths.get_input_directory()
-    found = []
-    for root, _dirs, files in os.walk(base):
-        for f in files:
-            if f.lower().endswith(".ply"):
-                found.append(os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/"))
-    return sorted(found)
+    if not os.path.isdir(base):
+        return []
+    return sorted(f for f in os.listdir(base) if f.lower().endswith(".ply") and os.path.isfile(os.path.join(base, f)))
 
 
 class LikenessLoadFlamePly(io.ComfyNode):

@@ -121,7 +121,16 @@ def test_ply_import_and_point_preview(server, geometry_files):
     hist = server.run(prompt, timeout=120)
     assert _png(server, hist, "5").std() > 5 and _png(server, hist, "7").std() > 5
     v = _ply(server, hist, "8")
-    assert v.shape == (5023, 3) and np.abs(v - arrays["v_template"]).max() > 1e-5
+    # a bare vertex set is edited by adding the shape-basis offsets of the requested coefficient change
+    from likeness_blocks.flame import FlameLayer
+    from likeness_blocks.flame_edit import derive_sliders
+
+    flame = FlameLayer(arrays)
+    delta = 1.5 * derive_sliders(flame, 100)["jaw_sharpness"]["direction"]
+    delta[0] += 1.0
+    want = arrays["v_template"] + flame.shape_offsets(delta[None])[0].double().numpy()
+    assert v.shape == (5023, 3) and np.abs(v - arrays["v_template"]).max() > 1e-4
+    np.testing.assert_allclose(v, want, atol=1e-6, rtol=0)
 
 
 def test_bad_inputs_fail_clearly(server, geometry_files):
