@@ -109,18 +109,24 @@ class HJBFaceGuidance:
                 stride = n_latent_frames / k
                 sel = torch.tensor([int((j + (it % 2) * 0.5) * stride) % n_latent_frames for j in range(k)], device=z.device)
                 zc = zc[sel]
-            frames, per_video = self._frames(decoder, model.process_latent_out(zc))
+            frames, per_video = self._frames(decoder, zc * latent_scale + latent_shift)
             idx = torch.arange(frames.shape[0]) % per_video if sel is None else sel.cpu()
             boxes = boxes_all[idx % len(boxes_all)].clone()
             boxes[:, [0, 2]] -= x0 * up
             boxes[:, [1, 3]] -= y0 * up
             emb = recognizer(hjb.crop_faces(frames, boxes))
-            loss = hjb.identity_loss(emb, self.reference.to(emb.device))
+            loss = hjb.identity_loss(emb, reference)
             if bar is not None:
                 bar.update(1)
             return loss
 
         with torch.inference_mode(False), torch.enable_grad():
+            reference = self.reference.to(device).clone()  # the node made it under inference mode
+            # process_latent_out is affine per channel in every latent format; its constants were
+            # made at load time under inference mode, so take them as ordinary tensors
+            probe = torch.zeros_like(denoised[:1, ..., :1, :1])
+            latent_shift = model.process_latent_out(probe).clone()
+            latent_scale = model.process_latent_out(probe + 1).clone() - latent_shift
             x0_ref, losses = hjb.refine_x0(denoised.clone(), loss_fn, self.iterations, lr, between)
         self.last_losses.append((i, losses))
         refined = x0_ref.to(denoised.dtype)
