@@ -97,3 +97,21 @@ def test_walking_skeleton_wan_t2v(server):
     assert status == 400
     hist2 = server.run(wan_skeleton_prompt(frames=5, seed=2))
     assert len(webp_frames(server.view(*server.output_files(hist2, "8")[0]))) == 5
+
+
+def test_tiny_svd_samples_through_the_server(server):
+    """The tiny SVD (built in the server by a test-only node) runs through the stock KSampler."""
+    prompt = {
+        "1": {"class_type": "LikenessTestTinySVD", "inputs": {"seed": 0}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 8421504}},
+        "3": {"class_type": "LikenessTestSVDConditioning", "inputs": {
+            "vae": ["1", 1], "init_image": ["2", 0], "width": 64, "height": 64, "video_frames": 4, "seed": 0}},
+        "4": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["3", 0], "negative": ["3", 1], "latent_image": ["3", 2],
+            "seed": 0, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "karras", "denoise": 1.0}},
+        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 1]}},
+        "6": {"class_type": "SaveAnimatedWEBP", "inputs": {
+            "images": ["5", 0], "filename_prefix": "svd", "fps": 6.0, "lossless": True, "quality": 90, "method": "default"}},
+    }
+    hist = server.run(prompt)
+    assert len(webp_frames(server.view(*server.output_files(hist, "6")[0]))) == 4

@@ -7,7 +7,7 @@ import sys
 import torch
 from comfy_api.latest import ComfyExtension, io
 
-_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TESTS = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
