@@ -2,10 +2,8 @@
 classes, tiny configs, saved as diffusers folders / safetensors and loaded through the pack's loaders)."""
 
 import importlib
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -28,28 +26,8 @@ FACE_KEYS = {
 }
 
 
-def _setup_in_process():
-    """Until the lead's harness is merged: ComfyUI on CPU in-process + the pack as `likeness_pack`."""
-    comfy_root = os.environ.get("LIKENESS_COMFYUI", "/work/main/.comfyui/ComfyUI")
-    if comfy_root not in sys.path:
-        sys.path.insert(0, comfy_root)
-    from comfy.cli_args import args
-
-    args.cpu = True
-    if "likeness_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("likeness_pack", os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["likeness_pack"] = mod
-        spec.loader.exec_module(mod)
-
-
 @pytest.fixture(scope="module")
-def L(request):
-    try:
-        request.getfixturevalue("pack")
-    except pytest.FixtureLookupError:
-        _setup_in_process()
+def L(pack):
     return importlib.import_module("likeness_pack.loaders.cogvideox")
 
 
@@ -404,3 +382,84 @@ def test_t5_tokens_match_diffusers_tokenization(L):
         ref = hf(text, padding="max_length", max_length=226, truncation=True, add_special_tokens=True).input_ids
         assert ids == ref, text[:30]
         assert ours["l"] == [] and ours["g"] == []
+
+
+# ------------------------------------------------------------------ through the real server
+
+def _webp_frames(data):
+    import io as _io
+
+    from PIL import Image
+
+    im = Image.open(_io.BytesIO(data))
+    return im.n_frames
+
+
+def _write_server_models(server):
+    from safetensors.torch import save_file
+
+    m = server.models_dir
+    if (m / "diffusion_models" / "tiny_cog_t2v" / "config.json").exists():
+        return
+    _tiny_transformer(TINY_T2V, 10).save_pretrained(m / "diffusion_models" / "tiny_cog_t2v")
+    _tiny_transformer(TINY_I2V, 11).save_pretrained(m / "diffusion_models" / "tiny_cog_i2v")
+    _tiny_vae(12).save_pretrained(m / "vae" / "tiny_cog_vae")
+    (m / "loras").mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(13)
+    save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(2, 32, generator=g) * 0.1,
+               "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(32, 2, generator=g) * 0.1},
+              str(m / "loras" / "tiny_cog_lora.safetensors"))
+
+
+def _cog_prompt(frames, i2v=False, lora=False, seed=1):
+    p = {
+        "1": {"class_type": "LikenessLoadCogVideoX",
+              "inputs": {"model_name": "tiny_cog_i2v/" if i2v else "tiny_cog_t2v/", "weight_dtype": "default"}},
+        "2": {"class_type": "LikenessTestTextConditioning", "inputs": {"seed": 1, "tokens": 8, "width": 64}},
+        "3": {"class_type": "LikenessTestTextConditioning", "inputs": {"seed": 2, "tokens": 8, "width": 64}},
+        "4": {"class_type": "LikenessEmptyCogVideoXLatent", "inputs": {"width": 64, "height": 48, "length": frames, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "seed": seed, "steps": 3, "cfg": 5.0, "sampler_name": "ddim", "scheduler": "simple", "denoise": 1.0}},
+        "6": {"class_type": "LikenessLoadCogVideoXVAE", "inputs": {"vae_name": "tiny_cog_vae/", "diffusers_tiling": False}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["6", 0]}},
+        "8": {"class_type": "SaveAnimatedWEBP", "inputs": {
+            "images": ["7", 0], "filename_prefix": "cog", "fps": 8.0, "lossless": True, "quality": 90, "method": "default"}},
+    }
+    if i2v:
+        p["9"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 1, "color": 0x3366CC}}
+        p["4"] = {"class_type": "LikenessCogVideoXI2VConditioning", "inputs": {
+            "positive": ["2", 0], "negative": ["3", 0], "vae": ["6", 0], "start_image": ["9", 0],
+            "width": 64, "height": 48, "length": frames, "batch_size": 1}}
+        p["5"]["inputs"].update(positive=["4", 0], negative=["4", 1], latent_image=["4", 2])
+    if lora:
+        p["10"] = {"class_type": "LikenessCogVideoXLoraLoader",
+                   "inputs": {"model": ["1", 0], "lora_name": "tiny_cog_lora.safetensors", "strength": 1.0}}
+        p["5"]["inputs"]["model"] = ["10", 0]
+    return p
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("i2v, frames", [(False, 9), (True, 13)])
+def test_server_workflow_produces_requested_length(server, i2v, frames):
+    _write_server_models(server)
+    hist = server.run(_cog_prompt(frames, i2v=i2v, lora=not i2v), timeout=300)
+    files = server.output_files(hist, "8")
+    assert len(files) == 1
+    assert _webp_frames(server.view(*files[0])) == frames
+
+
+@pytest.mark.server
+def test_server_bad_inputs_are_clear_errors(server):
+    from support.server import PromptFailed
+
+    _write_server_models(server)
+    p = _cog_prompt(9, i2v=False)
+    p["1"]["inputs"]["model_name"] = "tiny_cog_i2v/"  # I2V model without the I2V conditioning node
+    with pytest.raises(PromptFailed, match="I2V Conditioning"):
+        server.run(p, timeout=300)
+    p = _cog_prompt(9, i2v=False)
+    p["4"]["inputs"]["length"] = 8 + 2  # passes the widget step check only if step allows; 10 is not 4k+1
+    with pytest.raises(PromptFailed):
+        server.run(p, timeout=300)
+    assert _webp_frames(server.view(*server.output_files(server.run(_cog_prompt(5)), "8")[0])) == 5
