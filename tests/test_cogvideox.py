@@ -463,3 +463,42 @@ def test_server_bad_inputs_are_clear_errors(server):
     with pytest.raises(PromptFailed):
         server.run(p, timeout=300)
     assert _webp_frames(server.view(*server.output_files(server.run(_cog_prompt(5)), "8")[0])) == 5
+
+
+def test_t5_encoder_on_226_tokens_matches_transformers(L):
+    """ComfyUI's T5 (the class CLIPLoader type 'sd3' builds for t5xxl, here with a tiny config and the
+    same settings: no attention mask, last layer) on our 226 packed tokens == transformers'
+    T5EncoderModel on diffusers' tokenization (input_ids only, as CogVideoX's pipeline calls it)."""
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    import comfy.sd1_clip
+    import comfy.text_encoders.sd3_clip as sd3
+    import comfy.text_encoders.t5
+
+    nodes_mod = importlib.import_module("likeness_pack.nodes.cogvideox")
+    tiny = {"d_ff": 64, "d_kv": 8, "d_model": 32, "num_heads": 4, "num_layers": 2, "dense_act_fn": "gelu_pytorch_tanh",
+            "is_gated_act": True, "layer_norm_epsilon": 1e-6, "relative_attention_num_buckets": 32,
+            "relative_attention_max_distance": 128, "vocab_size": 32128, "model_type": "t5"}
+    torch.manual_seed(0)
+    hf = T5EncoderModel(T5Config(**tiny, feed_forward_proj="gated-gelu")).eval()
+    te = comfy.sd1_clip.SDClipModel(textmodel_json_config=dict(tiny), model_class=comfy.text_encoders.t5.T5,
+                                     special_tokens={"end": 1, "pad": 0}, enable_attention_masks=False,
+                                     return_attention_masks=False, layer="last", dtype=torch.float32,
+                                     model_options={"model_name": "t5xxl"})
+    missing, unexpected = te.transformer.load_state_dict(hf.state_dict(), strict=False)
+    assert not [k for k in missing if "encoder" in k], missing
+    tok = sd3.SD3Tokenizer()
+
+    class FakeClip:
+        def tokenize(self, text):
+            return tok.tokenize_with_weights(text)
+
+    hf_tok = T5TokenizerFast.from_pretrained(os.path.join(os.path.dirname(sd3.__file__), "t5_tokenizer"))
+    text = "a woman smiles at the camera, soft light"
+    packed = nodes_mod.t5_tokens_226(FakeClip(), text)["t5xxl"]
+    with torch.no_grad():
+        ours = te.encode_token_weights(packed)[0]
+        ids = hf_tok(text, padding="max_length", max_length=226, truncation=True, return_tensors="pt").input_ids
+        ref = hf(ids)[0]
+    assert ours.shape == (1, 226, 32)
+    assert (ours.float() - ref).abs().max() < 1e-4
