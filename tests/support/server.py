@@ -48,8 +48,11 @@ def pack_import_failures(log_text, pack_dir_name=PACK_LINK):
 
 
 class ComfyServer:
-    def __init__(self, base_dir, packs=None, python=None, extra_args=()):
-        self.base_dir = Path(base_dir)
+    def __init__(self, base_dir, packs=None, python=None, extra_args=(), comfy_dir=None):
+        """base_dir=None runs a ComfyUI in place (its own models/, custom_nodes/, output/)."""
+        self.comfy_dir = Path(comfy_dir) if comfy_dir else comfyui_dir()
+        self.in_place = base_dir is None
+        self.base_dir = self.comfy_dir if self.in_place else Path(base_dir)
         self.models_dir = self.base_dir / "models"
         self.input_dir = self.base_dir / "input"
         self.output_dir = self.base_dir / "output"
@@ -59,13 +62,18 @@ class ComfyServer:
         self.extra_args = list(extra_args)
         self.port = None
         self.proc = None
-        self.log_path = self.base_dir / "server.log"
+        self.log_path = (self.base_dir / "server.log") if not self.in_place else Path(
+            os.environ.get("TMPDIR", "/tmp")) / f"likeness-comfyui-{os.getpid()}.log"
         self.client_id = uuid.uuid4().hex
 
     # --- lifecycle -----------------------------------------------------------------------
     def prepare(self):
         for d in (self.models_dir, self.input_dir, self.output_dir, self.custom_nodes):
             d.mkdir(parents=True, exist_ok=True)
+        if self.in_place:
+            # a pack already installed under another folder name must not be loaded twice
+            installed = {p.resolve() for p in self.custom_nodes.iterdir()}
+            self.packs = {k: v for k, v in self.packs.items() if Path(v).resolve() not in installed}
         for name, target in self.packs.items():
             link = self.custom_nodes / name
             if not link.exists():
@@ -77,12 +85,12 @@ class ComfyServer:
         self.port = free_port()
         cmd = [
             self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:",
-            "--disable-auto-launch", "--dont-print-server", *self.extra_args,
+            "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--dont-print-server",
+            *([] if self.in_place else ["--base-directory", str(self.base_dir)]), *self.extra_args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -1,0 +1,18 @@
+# Two commands for a fresh machine (see README):
+#   make demo   sets up the pinned ComfyUI (or uses COMFYUI_DIR) and runs the default example workflow
+#   make test   sets up the pinned ComfyUI and runs the whole test suite against a real server
+PY ?= .venv/bin/python
+
+.PHONY: setup demo test bench
+
+setup:
+	bash scripts/setup_comfyui.sh
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(PY) bench/import_time.py

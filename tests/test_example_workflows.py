@@ -1,0 +1,44 @@
+"""Example workflows: the UI files match their API prompts and run through the API queue."""
+
+import json
+import sys
+
+import pytest
+
+from support.paths import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+from workflow_format import ui_to_api  # noqa: E402
+
+pytestmark = pytest.mark.server
+UI_FILES = sorted((REPO / "example_workflows").glob("*.json"))
+
+
+def strip_meta(prompt):
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=[p.stem for p in UI_FILES])
+def test_ui_workflow_matches_its_api_prompt(server, path):
+    api = REPO / "example_workflows" / "api" / path.name
+    assert api.exists(), f"{path.name} has no API-format prompt in example_workflows/api/"
+    converted = ui_to_api(json.loads(path.read_text()), server.object_info())
+    assert converted == strip_meta(json.loads(api.read_text()))
+    assert any(n["type"] == "Note" for n in json.loads(path.read_text())["nodes"]), "no Note listing model files"
+
+
+def test_unknown_node_type_is_named(server):
+    wf = json.loads((REPO / "example_workflows" / "wan21_t2v_skeleton.json").read_text())
+    wf["nodes"][0]["type"] = "NoSuchNode"
+    with pytest.raises(KeyError, match="NoSuchNode"):
+        ui_to_api(wf, server.object_info())
+
+
+def test_wan_skeleton_example_runs_on_tiny_models(server):
+    import demo
+
+    prompt = demo.tiny_version(json.loads((REPO / "example_workflows" / "api" / "wan21_t2v_skeleton.json").read_text()))
+    prompt["6"]["inputs"].update(width=64, height=64, length=5)
+    prompt["7"]["inputs"]["steps"] = 2
+    hist = server.run(prompt)
+    assert server.output_files(hist, "10")
