@@ -28,11 +28,16 @@ class HJBFaceGuidance:
     """Callable stored in model_options['sampler_post_cfg_function']."""
 
     def __init__(self, vae, recognizer, reference, face_boxes=None, iterations=3, eta=0.1, strength=1.0,
-                 start_percent=0.0, end_percent=0.8, window_margin=4, frames_per_iteration=0, progress=True):
+                 start_percent=0.0, end_percent=0.8, window_margin=4, frames_per_iteration=0, progress=True,
+                 detector=None, det_threshold=0.5):
         self.vae = vae
         self.recognizer = recognizer
         self.reference = reference.detach().float().reshape(-1)
-        self.face_boxes = face_boxes  # (F_out, 4) output pixels, or None = whole frames
+        self.face_boxes = face_boxes  # (F_out, 4) output pixels; None: detector boxes, else whole frames
+        self.detector = detector  # InsightFace pack: boxes found on a preview decode at the first active step
+        self.det_threshold = det_threshold
+        self._run_boxes = None
+        self._last_step = None
         self.iterations = iterations
         self.eta = eta
         self.strength = strength
@@ -77,6 +82,33 @@ class HJBFaceGuidance:
             return out.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w), t
         return out, out.shape[0]
 
+    def detect_boxes(self, decoder, model, denoised):
+        """Largest face per output frame of a full preview decode; frames without one get the
+        nearest frame's box (whole frame when no frame has a face, as upstream's fallback)."""
+        from ..likeness_blocks.face_embed import detect_with_retries, to_bgr_uint8
+
+        with torch.no_grad():
+            frames, _ = self._frames(decoder, model.process_latent_out(denoised))
+        h, w = frames.shape[-2:]
+        found = []
+        for f in frames:
+            boxes, _kps, _used, _tried = detect_with_retries(self.detector, to_bgr_uint8(f.permute(1, 2, 0)), 640,
+                                                             self.det_threshold)
+            if len(boxes):
+                areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+                x1, y1, x2, y2 = boxes[int(areas.argmax()), :4]
+                found.append([int(max(x1, 0)), int(max(y1, 0)), int(min(x2, w)) + 1, int(min(y2, h)) + 1])
+            else:
+                found.append(None)
+        have = [k for k, b in enumerate(found) if b is not None]
+        if not have:
+            log.warning("HJB Face Guidance: no face found in the preview decode; optimising whole frames")
+            return torch.tensor([[0, 0, w, h]])
+        if len(have) < len(found):
+            log.warning("HJB Face Guidance: no face in %d of %d preview frames; using the nearest frame's box",
+                        len(found) - len(have), len(found))
+        return torch.tensor([found[min(have, key=lambda k: abs(k - j))] for j in range(len(found))])
+
     def __call__(self, args):
         denoised = args["denoised"]
         i, total = self.step_index(args)
@@ -92,6 +124,11 @@ class HJBFaceGuidance:
         lat_h, lat_w = denoised.shape[-2:]
         up = self.vae.spacial_compression_decode() if hasattr(self.vae, "spacial_compression_decode") else 8
         boxes_all = self.face_boxes
+        if boxes_all is None and self.detector is not None:
+            if self._run_boxes is None or self._last_step is None or i <= self._last_step:  # a new sampling run
+                self._run_boxes = self.detect_boxes(decoder, model, denoised)
+            boxes_all = self._run_boxes
+        self._last_step = i
         if boxes_all is None:
             boxes_all = torch.tensor([[0, 0, lat_w * up, lat_h * up]])
         y0, y1, x0, x1 = hjb.latent_window(boxes_all, up, self.window_margin, lat_h, lat_w)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ..comfy_compat import io
-from ._types import ArcFaceTorch, FaceEmbeds
+from ._types import ArcFaceTorch, FaceEmbeds, InsightFace
 
 
 class LikenessHJBFaceGuidance(io.ComfyNode):
@@ -25,7 +25,11 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
                 FaceEmbeds.Input("reference", tooltip="Reference face(s) from ArcFace Embed; several are averaged."),
                 io.Mask.Input("face_mask", optional=True,
                               tooltip="Face region per output frame at OUTPUT resolution (one mask = every frame). "
-                                      "Its bounding box is cropped each frame. Unconnected: whole frames."),
+                                      "Its bounding box is cropped each frame. Unconnected: boxes from the insightface "
+                                      "detector, else whole frames."),
+                InsightFace.Input("insightface", optional=True,
+                                  tooltip="Face detector for per-frame boxes, run on a preview decode at the first "
+                                          "active step (used when face_mask is unconnected)."),
                 io.Int.Input("iterations", default=3, min=0, max=50, tooltip="Adam iterations per active step (upstream: 3)."),
                 io.Float.Input("eta", default=0.1, min=0.0, max=10.0, step=0.01,
                                tooltip="Learning rate at the first step; decays as eta*(1 - step/steps) (upstream: 0.1)."),
@@ -47,7 +51,7 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, arcface, reference, iterations, eta, strength, start_percent, end_percent,
-                window_margin, frames_per_iteration, face_mask=None):
+                window_margin, frames_per_iteration, face_mask=None, insightface=None):
         from ..adapters.sampler_hook import HJBFaceGuidance, apply_hjb
         from ..likeness_blocks.hjb import boxes_from_masks
 
@@ -63,7 +67,7 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
             # frames whose mask is empty keep the whole-frame box (upstream's fallback)
         hook = HJBFaceGuidance(vae, arcface, ref, boxes, iterations=iterations, eta=eta, strength=strength,
                                start_percent=start_percent, end_percent=end_percent, window_margin=window_margin,
-                               frames_per_iteration=frames_per_iteration)
+                               frames_per_iteration=frames_per_iteration, detector=insightface)
         return io.NodeOutput(apply_hjb(model, hook))
 
 

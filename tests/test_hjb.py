@@ -185,3 +185,36 @@ def test_hook_on_svd_latents_with_frame_subsets(pack, comfy):
     with torch.inference_mode():
         out = hook(_args(svd.model, denoised, float(sigmas[0]), sigmas))
     assert out.shape == denoised.shape and not torch.equal(out, denoised)
+
+
+class FixedBoxDetector:
+    """Test double with InsightFacePack's detect() interface: one face at a fixed box, none on odd calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def detect(self, bgr, size, threshold):
+        import numpy as np
+
+        self.calls += 1
+        if self.calls % 2 == 0:
+            return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
+        return np.array([[8, 12, 40, 44, 0.9], [0, 0, 4, 4, 0.8]], np.float32), np.zeros((2, 5, 2), np.float32)
+
+
+def test_detector_boxes_on_the_first_active_step(pack, wan):
+    model, vae = wan
+    rec, ref = TinyRecognizer(), F.normalize(torch.randn(512), dim=0)
+    det = FixedBoxDetector()
+    hook = _hook(pack, vae, rec, ref, iterations=1, detector=det)
+    sigmas = torch.linspace(1, 0, 5)
+    denoised = torch.randn(1, 16, 2, 8, 8)
+    with torch.inference_mode():
+        hook(_args(model.model, denoised, float(sigmas[0]), sigmas))
+        first_calls = det.calls
+        # output frames 0..4: the largest box where found, the nearest frame's box elsewhere
+        assert hook._run_boxes.tolist() == [[8, 12, 41, 45]] * 5
+        hook(_args(model.model, denoised, float(sigmas[1]), sigmas))
+        assert det.calls == first_calls  # detection runs once per sampling run
+        hook(_args(model.model, denoised, float(sigmas[0]), sigmas))  # a new run detects again
+        assert det.calls > first_calls
