@@ -17,7 +17,7 @@ from .vertex import (
     sparse_pool,
 )
 from .spirals import HalfedgeTriMesh, extract_spirals
-from .transform_pkl import MeshTransform, load_transform_pkl
+from .transform_pkl import MeshTransform, load_transform_pkl, mesh_data_for_network
 
 __all__ = [
     "CAbstractor",
@@ -37,4 +37,5 @@ __all__ = [
     "extract_spirals",
     "MeshTransform",
     "load_transform_pkl",
+    "mesh_data_for_network",
 ]

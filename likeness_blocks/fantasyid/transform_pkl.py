@@ -139,3 +139,17 @@ def load_transform_pkl(path) -> MeshTransform:
         raise FileNotFoundError(f"FantasyID mesh-sampling file not found: {path} (FantasyID's assets/transform.pkl).")
     with open(path, "rb") as f:
         return parse_transform(safe_unpickle(f.read()))
+
+
+def mesh_data_for_network(transform: MeshTransform, num_levels: int = 2, seq_length: int = 9, dilation: int = 1):
+    """(spirals, down, up) for VertexSpiralNet.set_mesh: spirals of levels 0..num_levels-1 computed in OpenMesh order
+    from the file's faces and vertices (as FantasyID does at construction time), and the first num_levels matrices."""
+    from .spirals import extract_spirals
+
+    if len(transform.faces) < num_levels or len(transform.down) < num_levels or len(transform.up) < num_levels:
+        raise ValueError(f"transform.pkl has fewer than {num_levels} mesh levels; FantasyID needs {num_levels}.")
+    spirals = [
+        extract_spirals(transform.faces[i], vertices=transform.vertices[i], seq_length=seq_length, dilation=dilation)
+        for i in range(num_levels)
+    ]
+    return spirals, transform.down[:num_levels], transform.up[:num_levels]
