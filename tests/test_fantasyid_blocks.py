@@ -620,3 +620,30 @@ def test_transform_pkl_wrong_content_is_clear(tmp_path):
         parse_transform({"vertices": []})
     with pytest.raises(FileNotFoundError, match="transform.pkl"):
         load_transform_pkl(str(tmp_path / "nope.pkl"))
+
+
+# =====================================================================================================================
+# end to end at the released token counts (tiny widths): 577 CLIP tokens + ~5k vertices -> 36 + 79 = 115 ID tokens
+# =====================================================================================================================
+def test_id_tokens_end_to_end_token_counts():
+    from likeness_blocks.fantasyid import encode_id_tokens
+
+    rng = np.random.default_rng(7)
+    v0, f0 = _grid(71, 7)  # 5041 vertices: 5041 -> 1261 -> 316 -> 158 -> 79 through the reducer, like 5023
+    v1, f1 = _grid(35, 8)  # 1225 + 31 isolated vertices (nearest-point spirals) = 1256
+    v1 = np.concatenate([v1, rng.normal(size=(31, 3))])
+    sizes = [len(v0), 1256, 314]
+    down, up = [], []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        down.append((np.arange(b), rng.choice(a, b, replace=False), np.ones(b, np.float32), (b, a)))
+        up.append((np.repeat(np.arange(a), 3), rng.integers(0, b, 3 * a), np.full(3 * a, 1 / 3, np.float32), (a, b)))
+    spirals = [extract_spirals(f0, vertices=v0), extract_spirals(f1, vertices=v1)]
+    assert spirals[0].shape == (5041, 9) and spirals[1].shape == (1256, 9)
+    face = FaceAbstractor(dim=32, vision_dim=32, id_dim=40, output_dim=64, cabs_hidden=16).eval()
+    net = VertexSpiralNet(emb_dim=16, num_v_coarse=314, hw_dims=(64, 32, 16), depth=2).eval()
+    net.set_mesh(spirals, down, up)
+    reducer = VertexReducer((16, 16, 16, 32, 64)).eval()
+    with torch.no_grad():
+        ids = encode_id_tokens(face, net, reducer, [torch.randn(1, 577, 32)] * 5, torch.randn(1, len(v0), 3) * 0.1)
+    assert ids.shape == (1, 115, 64)
+    assert torch.isfinite(ids).all()

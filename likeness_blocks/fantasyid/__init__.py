@@ -16,6 +16,7 @@ from .vertex import (
     fuse_id_tokens,
     sparse_pool,
 )
+from .pipeline import encode_id_tokens, face_tokens, vertex_tokens
 from .spirals import HalfedgeTriMesh, extract_spirals
 from .transform_pkl import MeshTransform, load_transform_pkl, mesh_data_for_network
 
@@ -33,6 +34,9 @@ __all__ = [
     "depth_sin_encoding",
     "fuse_id_tokens",
     "sparse_pool",
+    "encode_id_tokens",
+    "face_tokens",
+    "vertex_tokens",
     "HalfedgeTriMesh",
     "extract_spirals",
     "MeshTransform",
