@@ -227,6 +227,18 @@ def test_face_abstractor_effective_forward_keeps_in_place_pos_emb_quirk():
     torch.testing.assert_close(out_last, out, atol=0, rtol=0)
 
 
+def test_face_abstractor_drop_unused_keeps_output():
+    m = _randomize(FaceAbstractor(**TINY_FACE), seed=9).eval()
+    ys = [torch.randn(1, 17, 32) for _ in range(5)]
+    with torch.no_grad():
+        before = m(ys)
+        n_before = sum(p.numel() for p in m.parameters())
+        m.drop_unused()
+        after = m(ys)
+    assert sum(p.numel() for p in m.parameters()) < n_before / 3
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
 def test_face_abstractor_full_size_token_count():
     m = FaceAbstractor(dim=32, vision_dim=32, id_dim=40, output_dim=64, cabs_hidden=16).eval()
     with torch.no_grad():

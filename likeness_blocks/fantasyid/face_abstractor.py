@@ -142,6 +142,27 @@ class FaceAbstractor(nn.Module):
         last = self.num_scales - 1
         return list(range(last * self.per_scale, (last + 1) * self.per_scale))
 
+    def drop_unused(self) -> "FaceAbstractor":
+        """Free the parameters that cannot affect the output (about 90 % of the module at the released size).
+
+        Keeps mapping_<last>, the positional embeddings of the last scale's layers, the last layer and proj_out.
+        Afterwards the module no longer loads a full released state dict; call it after loading.
+        """
+        idx = self.effective_layer_indices()
+        for j in range(len(self.layers)):
+            if j not in idx:
+                self.layers[j] = nn.ModuleList()
+            elif j != idx[-1]:
+                cabs = self.layers[j][0]
+                cabs.net = nn.Identity()
+                cabs.readout = nn.Identity()
+                self.layers[j] = nn.ModuleList([cabs, nn.Identity()])
+        for i in range(self.num_scales - 1):
+            setattr(self, f"mapping_{i}", nn.Identity())
+        self.id_embedding_mapping = nn.Identity()
+        self.latents = None
+        return self
+
     def forward(self, hidden_states: Union[Sequence[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """hidden_states: the 5 EVA-CLIP hidden states (each (B, 1 + N, vision_dim)); only the last one matters."""
         if isinstance(hidden_states, torch.Tensor):
