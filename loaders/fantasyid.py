@@ -121,11 +121,13 @@ def load_face_modules(
     sd: Dict[str, torch.Tensor],
     transform: Optional[MeshTransform] = None,
     dtype: torch.dtype = torch.float32,
+    drop_unused: bool = False,
 ) -> Tuple[FantasyIDFaceModules, Dict[str, torch.Tensor]]:
     """Build the face modules from a full FantasyID transformer state dict.
 
     Returns (modules, remaining CogVideoX keys). Missing or unexpected face keys raise a ValueError that lists them.
     The vertex network runs in float32 as upstream forces; `dtype` applies to the other modules.
+    `drop_unused` frees the face-abstractor parameters that cannot affect the output (144M -> 18M at full size).
     """
     face_sd, rest = split_fantasyid_state_dict(sd)
     if not face_sd:
@@ -151,6 +153,8 @@ def load_face_modules(
     modules.vertex_reducer.to(dtype)
     modules.layer_attention.to(dtype)
     modules.vertex_spiral_net.float()
+    if drop_unused:
+        modules.face_abstractor.drop_unused()
     if transform is not None:
         modules.vertex_spiral_net.set_mesh(*mesh_data_for_network(
             transform, num_levels=cfg["vertex_spiral_net"]["num_levels"],
@@ -172,7 +176,11 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
-            raise FileNotFoundError(f"no .safetensors files in {path}; point at FantasyID's transformer/ folder.")
+            files = sorted(f for f in os.listdir(path) if f.endswith(".bin"))
+        if not files:
+            raise FileNotFoundError(
+                f"no .safetensors or .bin weights in {path}; point at FantasyID's transformer/ folder."
+            )
         sd = {}
         for f in files:
             sd.update(read_state_dict(os.path.join(path, f)))

@@ -62,6 +62,11 @@ def test_face_modules_load_from_transformer_checkpoint(fid, tmp_path):
     assert v1.shape == (1, 1, 64)  # 36 vertices -> 9 -> 3 -> 2 -> 1 tokens (strides 4, 4, 2, 2)
     state_keys = set(mods.state_dict())
     assert state_keys == {k for k in sd if k.startswith(fid.FACE_PREFIXES)}  # mesh data is not in the state dict
+    # the lean variant gives the same face tokens
+    lean, _ = fid.load_face_modules(sd, drop_unused=True)
+    with torch.no_grad():
+        torch.testing.assert_close(lean.face_abstractor(ys), f1, atol=0, rtol=0)
+    assert sum(p.numel() for p in lean.parameters()) < sum(p.numel() for p in mods.parameters())
 
 
 def test_missing_face_keys_are_listed(fid, tmp_path):

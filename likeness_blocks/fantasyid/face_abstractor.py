@@ -28,7 +28,12 @@ def _reg_stage(depth: int, cin: int, cout: int) -> nn.Module:
 
 
 class CAbstractor(nn.Module):
-    """Honeybee-style C-Abstractor as configured in FantasyID (576 -> 36 tokens, hidden 256)."""
+    """Honeybee-style C-Abstractor as configured in FantasyID (576 -> 36 tokens, hidden 256).
+
+    net = RegStage(depth, C_in->hidden) -> AdaptiveAvgPool2d(sqrt(Q)) -> RegStage(depth, hidden->hidden), timm blocks
+    with SiLU and norm_layer=LayerNorm2d (inside timm's ConvNormAct that becomes LayerNormAct2d, eps 1e-5);
+    readout = Linear(hidden, C_out), SiLU, Linear(C_out, C_out).
+    """
 
     def __init__(
         self,
