@@ -158,3 +158,29 @@ def test_injector_strength_zero_and_block_range_and_token_slice():
         torch.testing.assert_close(sl[:, 4:], h[:, 4:] + ref_la(las[1].state_dict(), ids, h[:, 4:]), atol=1e-5, rtol=0)
         # inactive (outside the start/end percent) -> untouched
         assert LayerInjector(las, ids, active=lambda: False).apply(1, h) is h
+
+
+def test_injector_hooks_on_tensor_blocks_and_removal():
+    blocks, las = _toy(2, n=3)
+    plain_blocks = nn.ModuleList(nn.Linear(24, 24) for _ in range(3))
+    ids = torch.randn(2, 7, 16)  # per-branch ID tokens (batch 2) also work
+    x = torch.randn(2, 9, 24)
+    handles = LayerInjector(las, ids, strength=0.5, interval=2).register(plain_blocks)
+    with torch.no_grad():
+        got = x
+        for b in plain_blocks:
+            got = b(got)
+        for h in handles:
+            h.remove()
+        plain = x
+        for b in plain_blocks:
+            plain = b(plain)  # hooks removed: the plain model again
+        ref = x
+        for i, b in enumerate(plain_blocks):
+            ref = b(ref)
+            if i % 2 == 0:  # interval 2: blocks 0 and 2 use layer_attention[0] and [1]
+                ref = ref + 0.5 * torch.cat(
+                    [ref_la(las[i // 2].state_dict(), ids[j : j + 1], ref[j : j + 1]) for j in range(2)]
+                )
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert (plain - got).abs().max() > 1e-4
