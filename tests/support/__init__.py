@@ -1,0 +1,1 @@
+"""Test support: the pinned ComfyUI, a real server harness and tiny real-architecture models."""

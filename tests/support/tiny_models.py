@@ -1,0 +1,111 @@
+"""Tiny random-weight models with the real ComfyUI architectures and key names, made at test
+time (never committed). Needs ComfyUI importable in-process (see comfy_env.import_comfy)."""
+
+import math
+
+import torch
+from safetensors.torch import save_file
+
+
+def fill_random_(state_dict, seed=0, scale=1.0):
+    """Deterministic small random values: norm gains near 1, weights ~ 1/sqrt(fan_in)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state_dict.items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+            continue
+        shape = v.shape
+        r = torch.randn(shape, generator=g, dtype=torch.float32)
+        if v.ndim == 1 and any(s in k for s in ("norm", "gamma", "ln_", ".scale")) and not k.endswith("bias"):
+            t = 1.0 + 0.05 * r
+        elif v.ndim <= 1:
+            t = 0.02 * r
+        else:
+            fan_in = math.prod(shape[1:])
+            t = r * (scale / math.sqrt(fan_in))
+        out[k] = t.to(v.dtype).contiguous()
+    return out
+
+
+def tiny_wan_t2v_state_dict(dim=128, layers=2, ffn_dim=256, seed=0):
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    with torch.device("meta"):
+        m = comfy.ldm.wan.model.WanModel(
+            model_type="t2v", dim=dim, ffn_dim=ffn_dim, num_heads=dim // 128, num_layers=layers,
+            in_dim=16, out_dim=16, text_dim=4096, operations=comfy.ops.manual_cast,
+        )
+    sd = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in m.state_dict().items()}
+    return fill_random_(sd, seed)
+
+
+def save_tiny_wan_t2v(path, dim=128, layers=2, seed=0):
+    """Loads through the stock UNETLoader (detected as WAN21_T2V)."""
+    save_file(tiny_wan_t2v_state_dict(dim=dim, layers=layers, seed=seed), str(path))
+    return path
+
+
+def tiny_wan_vae_state_dict(dim=8, seed=0):
+    import comfy.ldm.wan.vae
+
+    with torch.device("meta"):
+        m = comfy.ldm.wan.vae.WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                     attn_scales=[], temperal_downsample=[False, True, True])
+    sd = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in m.state_dict().items()}
+    return fill_random_(sd, seed)
+
+
+def save_tiny_wan_vae(path, dim=8, seed=0):
+    """Loads through the stock VAELoader (detected as the Wan 2.1 VAE, dim read from the file)."""
+    save_file(tiny_wan_vae_state_dict(dim=dim, seed=seed), str(path))
+    return path
+
+
+TINY_SVD_UNET = dict(
+    model_channels=32, in_channels=8, out_channels=4, num_res_blocks=[1, 1], channel_mult=[1, 2],
+    use_spatial_transformer=True, transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1,
+    context_dim=1024, adm_in_channels=768, num_classes="sequential", use_linear_in_transformer=True,
+    use_temporal_attention=True, use_temporal_resblock=True, use_spatial_context=True,
+    extra_ff_mix_layer=True, merge_strategy="learned_with_images", video_kernel_size=[3, 1, 1],
+    disable_temporal_crossattention=False, max_ddpm_temb_period=10000, image_size=32,
+)
+
+
+def build_tiny_svd(seed=0, state_dict=None):
+    """A tiny native SVD MODEL (real model_base.SVD_img2vid, real SpatialVideoTransformer).
+    ComfyUI's detection only matches the full-size SVD config, so it is built directly."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    class TinySVD(comfy.supported_models.SVD_img2vid):
+        unet_config = {}
+        unet_extra_config = {"num_heads": -1, "num_head_channels": 16, "attn_precision": torch.float32}
+
+    cfg = TinySVD(dict(TINY_SVD_UNET))
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, "")
+    if state_dict is None:
+        shapes = model.diffusion_model.state_dict()
+        state_dict = fill_random_({k: torch.empty(v.shape) for k, v in shapes.items()}, seed)
+    model.diffusion_model.load_state_dict(state_dict, strict=True)
+    model.eval()
+    load = comfy.model_management.get_torch_device()
+    offload = comfy.model_management.unet_offload_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=offload)
+
+
+def tiny_svd_state_dict(seed=0):
+    return build_tiny_svd(seed).model.diffusion_model.state_dict()
+
+
+def tiny_taesd_state_dict(seed=0):
+    """A TAESD VAE (4 latent channels) for SVD plumbing; the real SVD VAE is large."""
+    import comfy.taesd.taesd
+
+    with torch.device("meta"):
+        m = comfy.taesd.taesd.TAESD(latent_channels=4)
+    sd = {k: torch.empty(v.shape) for k, v in m.state_dict().items()}
+    return fill_random_(sd, seed)
