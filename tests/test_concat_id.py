@@ -7,10 +7,7 @@ with the pack.
 """
 
 import importlib
-import importlib.util
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,32 +32,11 @@ DIM, FFN, LAYERS, HEADS, TEXT_DIM, FREQ_DIM = 256, 320, 2, 2, 4096, 256
 # ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cm(request):
-    try:
-        request.getfixturevalue("comfy")
-    except pytest.FixtureLookupError:
-        root = os.environ.get("LIKENESS_COMFYUI", "/work/main/.comfyui/ComfyUI")
-        if not Path(root, "comfy").is_dir():
-            pytest.skip("ComfyUI not found; set LIKENESS_COMFYUI")
-        if root not in sys.path:
-            sys.path.insert(0, root)
-        from comfy.cli_args import args
-
-        args.cpu = True
-    try:
-        request.getfixturevalue("pack")
-    except pytest.FixtureLookupError:
-        if "likeness_pack" not in sys.modules:
-            spec = importlib.util.spec_from_file_location("likeness_pack", REPO / "__init__.py",
-                                                          submodule_search_locations=[str(REPO)])
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules["likeness_pack"] = mod
-            spec.loader.exec_module(mod)
-    import comfy.sd  # noqa: F401
-
+def cm(comfy, pack):
     class NS:
         wan = importlib.import_module("likeness_pack.adapters.wan")
         loader = importlib.import_module("likeness_pack.loaders.concat_id")
+        nodes = importlib.import_module("likeness_pack.nodes.concat_id")
 
     return NS
 
@@ -444,3 +420,51 @@ def test_patch_refuses_non_wan(cm):
 
     with pytest.raises(ValueError, match="Wan 2.1"):
         cm.wan.apply_concat_id(FakePatcher())
+
+
+def test_prepare_reference_node_aligns_masks_and_pads(cm):
+    from likeness_blocks.face_types import DetectedFace, FaceEmbeds
+
+    H, W = 200, 240
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, H, W, 3, generator=g) * 0.8 + 0.1
+    tmpl = torch.tensor(ARCFACE_TEMPLATE_112) * 4
+    # image 0: a small and a large face (the large one is used); image 1: no face (whole image used)
+    small = DetectedFace(0, torch.tensor([0.0, 0, 20, 20]), tmpl * 0.1, 0.9, torch.zeros(512))
+    big_kps = tmpl * 0.4 + torch.tensor([30.0, 20.0])
+    big = DetectedFace(0, torch.tensor([20.0, 10, 220, 190]), big_kps, 0.9, torch.zeros(512))
+    fe = FaceEmbeds(faces=[small, big], image_sizes=[(H, W), (H, W)])
+    mask = torch.ones(1, H, W)
+    mask[:, :, : W // 2] = 0.0  # blank the left half of the source
+    ref, aligned = cm.nodes.ConcatIDPrepareReference.execute(img, fe, 96, 64, mask).args
+    assert ref.shape == (2, 64, 96, 3) and aligned.shape == (2, 448, 448, 3)
+    want0, _ = align_face(img[0], big_kps, 448)
+    # aligned face 0 = warp of the large face, with the left half of the source blanked
+    m = torch.tensor([[1 / 0.4, 0, -30 / 0.4], [0, 1 / 0.4, -20 / 0.4]])  # source -> aligned
+    src_x_at_aligned_400 = (400 - m[0, 2]) / m[0, 0]  # aligned x=400 comes from source x=190 (kept)
+    assert src_x_at_aligned_400 > W // 2 + 2
+    torch.testing.assert_close(aligned[0, 100:300, 390:410], want0[100:300, 390:410], atol=1e-5, rtol=0)
+    assert aligned[0, 100:300, 10:40].abs().max() == 0  # from source x ~ 34..46 < 120: blanked
+    # square 448 -> 64x96: 64x64 centre, 16 black columns each side
+    assert ref[0, :, :16].abs().max() == 0 and ref[0, :, 80:].abs().max() == 0
+    # image 1 (no face, 200x240) -> 64 x int(240*64/200)=76 wide, 10 black columns each side
+    assert ref[1, :, :10].abs().max() == 0 and ref[1, :, 86:].abs().max() == 0 and ref[1, :, 50:86].min() > 0  # (left half masked)
+    torch.testing.assert_close(ref[0:1], resize_pad_crop(aligned[0:1], 64, 96), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="mask"):
+        cm.nodes.ConcatIDPrepareReference.execute(img, fe, 96, 64, torch.ones(1, 10, 10))
+
+
+def test_conditioner_puts_one_clean_frame_per_reference_in_both_branches(cm):
+    import comfy.sd
+    from support.tiny_models import tiny_wan_vae_state_dict
+
+    vae = comfy.sd.VAE(sd=tiny_wan_vae_state_dict())
+    pos = [[torch.randn(1, 8, 4096), {}]]
+    neg = [[torch.randn(1, 8, 4096), {}]]
+    refs = torch.rand(2, 64, 64, 3)
+    p, n, lat = cm.nodes.ConcatIDConditioner.execute(pos, neg, vae, refs, 64, 64, 9).args
+    assert lat["samples"].shape == (1, 16, 3, 8, 8)
+    a, b = p[0][1]["time_dim_concat"], n[0][1]["time_dim_concat"]
+    assert a.shape == (1, 16, 2, 8, 8) and torch.equal(a, b)  # both CFG branches carry the references
+    torch.testing.assert_close(a[:, :, 1:2], vae.encode(refs[1:2]), atol=1e-6, rtol=0)
+    assert "time_dim_concat" not in pos[0][1]  # inputs not mutated
