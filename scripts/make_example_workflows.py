@@ -27,6 +27,18 @@ NOTES = {
         "models/vae/wan_2.1_vae.safetensors\n\n"
         "Source: Comfy-Org/Wan_2.1_ComfyUI_repackaged (Hugging Face), Apache-2.0.",
     )],
+    'likeness_face_identity_metrics': [
+        ('Read me: model files',
+         'Identity check: embed a reference face, then measure a generated video against it.\n\nModel files (InsightFace antelopev2, non-commercial licence):\nComfyUI/models/insightface/models/antelopev2/\n  scrfd_10g_bnkps.onnx  (detection)\n  glintr100.onnx  (recognition)\n  (1k3d68.onnx, 2d106det.onnx, genderage.onnx are loaded but not needed)\nbuffalo_l works too: models/insightface/models/buffalo_l/det_10g.onnx + w600k_r50.onnx\n\nNot antelopev2/antelopev2: if unzipping made a nested folder, move the .onnx files up one level.\nPython packages: insightface>=2.1, onnxruntime (or onnxruntime-gpu, not both), onnx.\n\nIdentity Metrics: similarity to reference (RS / CSIM / ArcSim), inter-frame similarity, face motion, frames without face.'),
+    ],
+    'concat_id_wan': [
+        ('Concat-ID: models and folders',
+         "Concat-ID on Wan 2.1 T2V 1.3B (Likeness)\n\nModel files and folders (ComfyUI/models/...):\n- concat_id/second_stage_adaln.pt  (AdaLN model; or first_stage.pt) from HF yongzhong/Concat-ID-Wan. The file holds the full Wan 2.1 1.3B weights: no separate Wan checkpoint needed.\n- text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (or umt5_xxl_fp16) - Wan 2.1 text encoder\n- vae/wan_2.1_vae.safetensors - Wan 2.1 VAE\n- insightface/models/antelopev2/*.onnx - face detector for ArcFace Embed (keypoints for alignment; non-commercial licence)\n\nConcat-ID settings: 480x832, 81 frames, 50 steps, CFG 5, flow shift 5, 16 fps.\nThe reference face is aligned to 448 px, (optionally masked: connect a face-parsing MASK keeping face+hair), padded to the video size and appended as one extra latent frame; the patch gives it Concat-ID's RoPE slot and cuts it off the output.\nThe released weights were trained with ONE reference; more references (a batch of images) work but are untrained.\nfirst_stage.pt also loads with the stock Load Diffusion Model node (put it in diffusion_models/) + the patch without weights."),
+    ],
+    'concat_id_wan_hjb': [
+        ('HJB face guidance (StableAnimator) on top of Concat-ID Wan',
+         "Same files as the Concat-ID Wan workflow, plus the differentiable ArcFace: Load Differentiable ArcFace converts insightface/models/antelopev2/glintr100.onnx to torch (or loads stableanimator/glintr100_torch.pth). Face boxes come from the InsightFace detector on a preview decode at the first active step; connect a face MASK to fix them yourself. Costs extra VAE decodes per active step: see the README's HJB figures."),
+    ],
 }
 
 

@@ -22,9 +22,14 @@ def _is_widget(spec):
     return (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput")
 
 
-def _has_control(spec):
+def _extra_widgets(spec):
+    """Values the editor stores after the widget's own: the seed's 'control after generate', the
+    upload button of image/video pickers."""
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return bool(opts.get("control_after_generate"))
+    extra = ["fixed"] if opts.get("control_after_generate") else []
+    if opts.get("image_upload"):
+        extra.append("image")
+    return extra
 
 
 def _type_name(spec):
@@ -42,7 +47,10 @@ def _default(spec):
 
 def api_to_ui(prompt, object_info, notes=(), columns=4):
     """notes: (title, text) pairs added as Note nodes (the editor shows them; the API skips them)."""
-    ids = {nid: i + 1 for i, nid in enumerate(prompt)}
+    if all(str(nid).isdigit() for nid in prompt):  # keep the prompt's ids: node errors then name the same nodes
+        ids = {nid: int(nid) for nid in prompt}
+    else:
+        ids = {nid: i + 1 for i, nid in enumerate(prompt)}
     nodes, links = [], []
     out_links = {}
     for nid, node in prompt.items():
@@ -70,8 +78,7 @@ def api_to_ui(prompt, object_info, notes=(), columns=4):
                 inputs.append(entry)
             if _is_widget(spec):
                 widgets.append(_default(spec) if linked or val is None else val)
-                if _has_control(spec):
-                    widgets.append("fixed")
+                widgets.extend(_extra_widgets(spec))
         outputs = []
         for slot, (otype, oname) in enumerate(zip(info["output"], info.get("output_name", info["output"]))):
             outputs.append({"name": oname, "type": otype if isinstance(otype, str) else "COMBO",
@@ -83,13 +90,13 @@ def api_to_ui(prompt, object_info, notes=(), columns=4):
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
             "title": node.get("_meta", {}).get("title", info.get("display_name", node["class_type"])),
         })
-    next_id = len(nodes) + 1
+    next_id = max(ids.values()) + 1
     for i, (title, text) in enumerate(notes):
         nodes.append({"id": next_id + i, "type": "Note", "pos": [40 + 340 * i, -260], "size": [320, 220],
                       "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
                       "properties": {}, "widgets_values": [text], "title": title,
                       "color": "#432", "bgcolor": "#653"})
-    return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
@@ -110,8 +117,7 @@ def ui_to_api(workflow, object_info):
         for name, spec in _inputs(info):
             if _is_widget(spec):
                 val = values.pop(0) if values else _default(spec)
-                if _has_control(spec) and values:
-                    values.pop(0)
+                del values[:len(_extra_widgets(spec))]
                 inputs[name] = val
             if name in linked:
                 l = linked[name]

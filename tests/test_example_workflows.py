@@ -27,6 +27,20 @@ def test_ui_workflow_matches_its_api_prompt(server, path):
     assert any(n["type"] == "Note" for n in json.loads(path.read_text())["nodes"]), "no Note listing model files"
 
 
+@pytest.mark.parametrize("path", UI_FILES, ids=[p.stem for p in UI_FILES])
+def test_ui_links_match_the_server_sockets(server, path):
+    """Every link joins an output and an input of the type the server declares for them."""
+    wf = json.loads(path.read_text())
+    info = server.object_info()
+    byid = {n["id"]: n for n in wf["nodes"]}
+    for _lid, src, so, dst, di, typ in wf["links"]:
+        assert info[byid[src]["type"]]["output"][so] == typ, (path.name, byid[src]["type"], so, typ)
+        name = byid[dst]["inputs"][di]["name"]
+        spec = {**info[byid[dst]["type"]]["input"].get("required", {}),
+                **info[byid[dst]["type"]]["input"].get("optional", {})}[name]
+        assert spec[0] == typ, (path.name, byid[dst]["type"], name, spec[0], typ)
+
+
 def test_unknown_node_type_is_named(server):
     wf = json.loads((REPO / "example_workflows" / "wan21_t2v_skeleton.json").read_text())
     wf["nodes"][0]["type"] = "NoSuchNode"
