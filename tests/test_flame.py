@@ -273,6 +273,18 @@ def test_deca_tar_formats_and_real_key_names(tmp_path, legacy):
         assert torch.equal(v, sd[k]), k
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_deca_tar_with_numpy_extras_loads(tmp_path, legacy):
+    from likeness_blocks.deca import load_deca_encoder
+
+    sd = save_synthetic_deca_tar(tmp_path / "a.tar", blocks=(1, 1, 1, 1), base_width=4, hidden=8)
+    path = tmp_path / "deca_model.tar"
+    torch.save({"E_flame": sd, "epoch": np.int64(7), "stats": np.zeros(3, np.float32)}, path,
+               _use_new_zipfile_serialization=not legacy)
+    enc = load_deca_encoder(str(path))
+    assert torch.equal(enc.state_dict()["layers.2.bias"], sd["layers.2.bias"])
+
+
 def test_deca_tar_refuses_code_and_bad_keys(tmp_path):
     from likeness_blocks.deca import load_deca_encoder
 
