@@ -96,7 +96,7 @@ class _Evil:
         return (os.system, (self.cmd,))
 
 
-@pytest.mark.parametrize("variant", ["os_system", "eval", "reconstructor_on_foreign_class", "codec"])
+@pytest.mark.parametrize("variant", ["os_system", "eval", "reconstructor_on_foreign_class", "reconstructor_non_placeholder", "codec"])
 def test_malicious_pickle_refused(tmp_path, variant):
     marker = tmp_path / "pwned"
     path = tmp_path / "generic_model.pkl"
@@ -109,6 +109,9 @@ def test_malicious_pickle_refused(tmp_path, variant):
         # copy_reg._reconstructor is allowed, but only for our placeholders: try to build a chumpy placeholder
         # on top of a forbidden base -> the base lookup itself is refused
         payload = b"\x80\x02ccopy_reg\n_reconstructor\ncchumpy.ch\nCh\ncsubprocess\nPopen\nN\x87R."
+    elif variant == "reconstructor_non_placeholder":
+        # every name here is allowed, but copy_reg._reconstructor may only build our inert placeholders
+        payload = b"\x80\x02ccopy_reg\n_reconstructor\ncnumpy\nndarray\nc__builtin__\nobject\nN\x87R."
     else:
         payload = b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x04\x00\x00\x00zlib\x86R."
     path.write_bytes(payload)
