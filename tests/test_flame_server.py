@@ -96,6 +96,10 @@ def test_image_to_vertices_edit_preview(server, geometry_files):
     w1 = measure(tmpl, flame(shape=codes["shape"] + 2.0 * sliders["face_width"]["direction"][None])[0:1])["face_width"]
     assert float(w1 - w0) == pytest.approx(2.0 * sliders["face_width"]["gain"], rel=1e-3) and float(w1 - w0) > 0
     assert np.abs(edited - orig).max() > 1e-4
+    # the edited vertices are FLAME re-run with the moved shape and DECA's own expression and pose
+    want_edited = flame(shape=codes["shape"] + 2.0 * sliders["face_width"]["direction"][None],
+                        expression=codes["exp"], pose=codes["pose"])[0].numpy()
+    np.testing.assert_allclose(edited, want_edited, atol=1e-5, rtol=0)
 
 
 def test_ply_import_and_point_preview(server, geometry_files):
