@@ -27,6 +27,13 @@ NOTES = {
         "models/vae/wan_2.1_vae.safetensors\n\n"
         "Source: Comfy-Org/Wan_2.1_ComfyUI_repackaged (Hugging Face), Apache-2.0.",
     )],
+    "fantasyid_face_geometry": [(
+        "Model files",
+        "Photo -> DECA -> FLAME vertices (FantasyID's 3D input), a jawline edit, previews and a .ply.\n\n"
+        "models/deca/deca_model.tar  (DECA project, github.com/yfeng95/DECA; non-commercial licence)\n"
+        "models/flame/generic_model.pkl  (FLAME 2020; register at flame.is.tue.mpg.de)\n\n"
+        "No chumpy needed. Put your photo in ComfyUI/input and pick it in Load Image.",
+    )],
 }
 
 
