@@ -14,6 +14,7 @@ MODEL_FOLDERS = {
     "fantasyid": ("fantasyid", set(), "FantasyID face modules and transform.pkl"),
     "stableanimator": ("stableanimator", {".pth", ".pt", ".safetensors"}, "StableAnimator unet.pth, face_encoder.pth, pose_net.pth"),
     "concat_id": ("concat_id", {".pt", ".pth", ".safetensors"}, "Concat-ID first_stage.pt / second_stage_adaln.pt"),
+    "cogvideox": ("cogvideox", set(), "CogVideoX diffusers folders (transformer/, vae/) or single .safetensors files"),
 }
 
 

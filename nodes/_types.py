@@ -8,3 +8,4 @@ ArcFaceTorch = io.Custom("ARCFACE_TORCH")  # differentiable ArcFace (torch modul
 DecaFlame = io.Custom("DECA_FLAME")  # DECA encoder + FLAME layer
 FlameVertices = io.Custom("FLAME_VERTICES")  # vertices (B, 5023, 3) + FLAME parameters
 IdTokens = io.Custom("ID_TOKENS")  # identity tokens handed to an injector
+ConcatIdWeights = io.Custom("CONCAT_ID_WEIGHTS")  # loaders.concat_id.ConcatIdWeights (variant + AdaLN extras)
