@@ -228,6 +228,35 @@ def extract_e_flame(ckpt, name="checkpoint"):
     return {k: v for k, v in sd.items() if torch.is_tensor(v)}
 
 
+def _numpy_safe_globals():
+    """numpy arrays/scalars that training scripts leave in checkpoints (epoch counters, stats). Still loaded by
+    torch's weights_only unpickler: anything an array could contain must itself pass that allow-list."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
+    allowed = [np.ndarray, np.dtype, _reconstruct, scalar]
+    allowed += sorted({type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFD"} - {np.dtype}, key=str)
+    aliases = [(_reconstruct, "numpy.core.multiarray._reconstruct"), (scalar, "numpy.core.multiarray.scalar")]
+    return allowed, aliases
+
+
+def _torch_load_safe(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:
+        allowed, aliases = _numpy_safe_globals()
+        for extra in (aliases, []):  # name aliases need torch >= 2.6's (obj, name) form
+            try:
+                with torch.serialization.safe_globals(allowed + extra):
+                    return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:
+                continue
+        raise first
+
+
 def load_deca_encoder(path, dtype=torch.float32):
     """deca_model.tar (torch.save, zip or legacy format) or .safetensors -> DecaEncoder in eval mode.
 
@@ -241,7 +270,7 @@ def load_deca_encoder(path, dtype=torch.float32):
         ckpt = load_file(str(path))
     else:
         try:
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+            ckpt = _torch_load_safe(str(path))
         except Exception as exc:  # pickle.UnpicklingError and friends
             raise ValueError(
                 f"Could not load '{name}' safely with torch.load(weights_only=True): {str(exc).splitlines()[0]}. "

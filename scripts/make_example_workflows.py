@@ -39,6 +39,13 @@ NOTES = {
         ('HJB face guidance (StableAnimator) on top of Concat-ID Wan',
          "Same files as the Concat-ID Wan workflow, plus the differentiable ArcFace: Load Differentiable ArcFace converts insightface/models/antelopev2/glintr100.onnx to torch (or loads stableanimator/glintr100_torch.pth). Face boxes come from the InsightFace detector on a preview decode at the first active step; connect a face MASK to fix them yourself. Costs extra VAE decodes per active step: see the README's HJB figures."),
     ],
+    "fantasyid_face_geometry": [(
+        "Model files",
+        "Photo -> DECA -> FLAME vertices (FantasyID's 3D input), a jawline edit, previews and a .ply.\n\n"
+        "models/deca/deca_model.tar  (DECA project, github.com/yfeng95/DECA; non-commercial licence)\n"
+        "models/flame/generic_model.pkl  (FLAME 2020; register at flame.is.tue.mpg.de)\n\n"
+        "No chumpy needed. Put your photo in ComfyUI/input and pick it in Load Image.",
+    )],
 }
 
 

@@ -96,7 +96,7 @@ class _Evil:
         return (os.system, (self.cmd,))
 
 
-@pytest.mark.parametrize("variant", ["os_system", "eval", "reconstructor_on_foreign_class", "codec"])
+@pytest.mark.parametrize("variant", ["os_system", "eval", "reconstructor_on_foreign_class", "reconstructor_non_placeholder", "codec"])
 def test_malicious_pickle_refused(tmp_path, variant):
     marker = tmp_path / "pwned"
     path = tmp_path / "generic_model.pkl"
@@ -109,6 +109,9 @@ def test_malicious_pickle_refused(tmp_path, variant):
         # copy_reg._reconstructor is allowed, but only for our placeholders: try to build a chumpy placeholder
         # on top of a forbidden base -> the base lookup itself is refused
         payload = b"\x80\x02ccopy_reg\n_reconstructor\ncchumpy.ch\nCh\ncsubprocess\nPopen\nN\x87R."
+    elif variant == "reconstructor_non_placeholder":
+        # every name here is allowed, but copy_reg._reconstructor may only build our inert placeholders
+        payload = b"\x80\x02ccopy_reg\n_reconstructor\ncnumpy\nndarray\nc__builtin__\nobject\nN\x87R."
     else:
         payload = b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x04\x00\x00\x00zlib\x86R."
     path.write_bytes(payload)
@@ -271,6 +274,18 @@ def test_deca_tar_formats_and_real_key_names(tmp_path, legacy):
     assert isinstance(enc, DecaEncoder)
     for k, v in enc.state_dict().items():
         assert torch.equal(v, sd[k]), k
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_deca_tar_with_numpy_extras_loads(tmp_path, legacy):
+    from likeness_blocks.deca import load_deca_encoder
+
+    sd = save_synthetic_deca_tar(tmp_path / "a.tar", blocks=(1, 1, 1, 1), base_width=4, hidden=8)
+    path = tmp_path / "deca_model.tar"
+    torch.save({"E_flame": sd, "epoch": np.int64(7), "stats": np.zeros(3, np.float32)}, path,
+               _use_new_zipfile_serialization=not legacy)
+    enc = load_deca_encoder(str(path))
+    assert torch.equal(enc.state_dict()["layers.2.bias"], sd["layers.2.bias"])
 
 
 def test_deca_tar_refuses_code_and_bad_keys(tmp_path):

@@ -96,6 +96,10 @@ def test_image_to_vertices_edit_preview(server, geometry_files):
     w1 = measure(tmpl, flame(shape=codes["shape"] + 2.0 * sliders["face_width"]["direction"][None])[0:1])["face_width"]
     assert float(w1 - w0) == pytest.approx(2.0 * sliders["face_width"]["gain"], rel=1e-3) and float(w1 - w0) > 0
     assert np.abs(edited - orig).max() > 1e-4
+    # the edited vertices are FLAME re-run with the moved shape and DECA's own expression and pose
+    want_edited = flame(shape=codes["shape"] + 2.0 * sliders["face_width"]["direction"][None],
+                        expression=codes["exp"], pose=codes["pose"])[0].numpy()
+    np.testing.assert_allclose(edited, want_edited, atol=1e-5, rtol=0)
 
 
 def test_ply_import_and_point_preview(server, geometry_files):
@@ -170,3 +174,18 @@ def test_convert_flame_node_and_load_converted(server, geometry_files):
     p["2"]["inputs"]["flame_model"] = "tiny_flame.safetensors"
     got = _ply(server, server.run(p), "9")
     np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
+
+
+def test_geometry_example_runs_on_tiny_files(server, geometry_files):
+    import json
+
+    from support.paths import REPO
+
+    prompt = json.loads((REPO / "example_workflows" / "api" / "fantasyid_face_geometry.json").read_text())
+    prompt["1"]["inputs"]["image"] = "flame_face.png"
+    prompt["2"]["inputs"].update(deca_model=DECA_NAME, flame_model=FLAME_NAME)
+    for node in ("5", "7"):
+        prompt[node]["inputs"].update(width=96, height=96)
+    hist = server.run(prompt, timeout=120)
+    assert len(server.output_files(hist, "6")) == 1 and len(server.output_files(hist, "8")) == 1
+    assert _ply(server, hist, "9").shape == (5023, 3)
