@@ -1,0 +1,151 @@
+"""Load StableAnimator: a tiny diffusers UNetSpatioTemporalConditionModel (real diffusers class and key names,
+random weights, saved as unet.pth with the ID adapter's id_to_k/id_to_v) maps onto the tiny native SVD:
+every key maps, the ComfyUI model computes the same as the diffusers model; face_encoder.pth / pose_net.pth."""
+
+import importlib
+
+import pytest
+import torch
+
+FRAMES = 3
+
+
+def _tiny_diffusers_unet():
+    diffusers = pytest.importorskip("diffusers")
+    from support.tiny_models import fill_random_
+
+    torch.manual_seed(0)
+    m = diffusers.UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
+        up_block_types=("CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        block_out_channels=(32, 64), addition_time_embed_dim=256, projection_class_embeddings_input_dim=768,
+        layers_per_block=1, cross_attention_dim=1024, transformer_layers_per_block=1, num_attention_heads=(2, 4),
+        num_frames=FRAMES,
+    )
+    m.load_state_dict(fill_random_(m.state_dict(), seed=11))
+    return m.eval()
+
+
+def _with_id_keys(sd, seed=12):
+    g = torch.Generator().manual_seed(seed)
+    out = dict(sd)
+    for k, v in sd.items():
+        if ".transformer_blocks." in k and "temporal" not in k and k.endswith("attn2.to_k.weight"):
+            pre = k[: -len("to_k.weight")]
+            out[pre + "processor.id_to_k.weight"] = v + 0.05 * torch.randn(v.shape, generator=g)
+            out[pre + "processor.id_to_v.weight"] = sd[pre + "to_v.weight"] + 0.05 * torch.randn(v.shape, generator=g)
+    return out
+
+
+@pytest.fixture(scope="module")
+def L(pack):
+    return importlib.import_module("likeness_pack.loaders.stableanimator")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, pack):
+    from likeness_blocks.stableanimator import FaceEncoder, PoseNet
+    from support.tiny_models import fill_random_
+
+    d = tmp_path_factory.mktemp("stableanimator")
+    dm = _tiny_diffusers_unet()
+    torch.save(_with_id_keys(dm.state_dict()), d / "unet.pth")
+    fe = FaceEncoder(cross_attention_dim=1024, depth=1, dim_head=64, heads=2, ff_mult=0.25)
+    torch.save(fill_random_(fe.state_dict(), seed=13), d / "face_encoder.pth")
+    pn = PoseNet(noise_latent_channels=32)
+    torch.save(fill_random_(pn.state_dict(), seed=14), d / "pose_net.pth")
+    return d, dm
+
+
+def test_every_diffusers_key_maps_and_forward_matches(files, L):
+    from support.tiny_models import build_tiny_svd
+
+    d, dm = files
+    svd = build_tiny_svd(seed=0)
+    sd = L.load_file(str(d / "unet.pth"), "unet")
+    comfy_sd, id_weights, unmapped = L.convert_unet(sd, svd.model.model_config.unet_config)
+    assert unmapped == []
+    target = svd.model.diffusion_model.state_dict()
+    assert set(comfy_sd) == set(target)  # round trip: every diffusers key lands on exactly one ComfyUI key
+    assert len(comfy_sd) == len(dm.state_dict())
+    from likeness_pack.adapters.svd import spatial_block_keys
+
+    assert set(id_weights) == set(spatial_block_keys(svd.model.diffusion_model))
+
+    fresh = build_tiny_svd(seed=5)
+    fresh.model.diffusion_model.load_state_dict(comfy_sd, strict=True)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(FRAMES, 8, 8, 8, generator=g)
+    ctx = torch.randn(1, 1, 1024, generator=g)
+    added = torch.tensor([[5.0, 127.0, 0.02]])
+    t = torch.tensor(0.7)
+    with torch.no_grad():
+        want = dm(x[None], t, encoder_hidden_states=ctx, added_time_ids=added).sample[0]
+        import comfy.ldm.modules.diffusionmodules.util as u
+
+        y = torch.cat([u.timestep_embedding(added[:, i], 256) for i in range(3)], -1).repeat(FRAMES, 1)
+        got = fresh.model.diffusion_model(x, t.repeat(FRAMES), context=ctx.repeat(FRAMES, 1, 1), y=y,
+                                          num_video_frames=FRAMES)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_apply_unet_sets_weights_on_a_clone_and_reports(files, L):
+    from support.tiny_models import build_tiny_svd
+
+    d, dm = files
+    svd = build_tiny_svd(seed=0)
+    before = {k: v.clone() for k, v in svd.model.diffusion_model.state_dict().items()}
+    sd = L.load_file(str(d / "unet.pth"), "unet")
+    sd["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.lora.weight"] = torch.zeros(1)
+    m, id_weights, report, unmapped, missing = L.apply_unet(svd, sd)
+    assert unmapped == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.lora.weight"]
+    assert missing == [] and "1 file keys did not map" in report
+    m.patch_model()
+    try:
+        k = "input_blocks.1.1.transformer_blocks.0.attn2.to_q.weight"
+        assert torch.equal(m.model.diffusion_model.state_dict()[k],
+                           sd["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q.weight"])
+    finally:
+        m.unpatch_model()
+    for k, v in svd.model.diffusion_model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_wrong_files_give_clear_errors(files, L, tmp_path):
+    from support.tiny_models import build_tiny_svd
+
+    d, dm = files
+    svd = build_tiny_svd(seed=0)
+    with pytest.raises(ValueError, match="not a UNet in diffusers key names"):
+        L.apply_unet(svd, L.load_file(str(d / "pose_net.pth"), "unet"))
+    with pytest.raises(ValueError, match="no attn2.processor.id_to_k"):
+        L.apply_unet(svd, dm.state_dict())
+    with pytest.raises(ValueError, match="not face_encoder.pth"):
+        L.build_face_encoder(L.load_file(str(d / "pose_net.pth"), "face encoder"))
+    with pytest.raises(ValueError, match="not pose_net.pth"):
+        L.build_pose_net(L.load_file(str(d / "face_encoder.pth"), "PoseNet"))
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"a": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(RuntimeError, match="could not load evil.pth safely"):
+        L.load_file(str(tmp_path / "evil.pth"), "unet")
+
+
+def test_face_encoder_and_pose_net_files_load(files, L):
+    from likeness_blocks.stableanimator import FaceEncoder
+
+    d, _ = files
+    sd = torch.load(d / "face_encoder.pth", weights_only=True)
+    enc = L.build_face_encoder(L.load_file(str(d / "face_encoder.pth"), "face encoder"))
+    ref = FaceEncoder(cross_attention_dim=1024, depth=1, dim_head=64, heads=2, ff_mult=0.25)
+    ref.load_state_dict(sd)
+    e, c = torch.randn(1, 512), torch.randn(1, 1, 1024)
+    with torch.no_grad():
+        assert torch.equal(enc(e, c), ref(e, c))
+    net = L.build_pose_net(L.load_file(str(d / "pose_net.pth"), "PoseNet"))
+    assert net.final_proj.out_channels == 32
+    assert torch.equal(net.scale, torch.load(d / "pose_net.pth", weights_only=True)["scale"])
