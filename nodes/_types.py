@@ -8,3 +8,5 @@ ArcFaceTorch = io.Custom("ARCFACE_TORCH")  # differentiable ArcFace (torch modul
 DecaFlame = io.Custom("DECA_FLAME")  # DECA encoder + FLAME layer
 FlameVertices = io.Custom("FLAME_VERTICES")  # vertices (B, 5023, 3) + FLAME parameters
 IdTokens = io.Custom("ID_TOKENS")  # identity tokens handed to an injector
+StableAnimator = io.Custom("STABLEANIMATOR")  # loaders.stableanimator.StableAnimatorWeights (ID weights, face encoder, PoseNet)
+FaceTokens = io.Custom("FACE_TOKENS")  # torch.Tensor (B, 4, 1024): StableAnimator face tokens

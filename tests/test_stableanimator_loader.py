@@ -10,34 +10,6 @@ import torch
 FRAMES = 3
 
 
-def _tiny_diffusers_unet():
-    diffusers = pytest.importorskip("diffusers")
-    from support.tiny_models import fill_random_
-
-    torch.manual_seed(0)
-    m = diffusers.UNetSpatioTemporalConditionModel(
-        sample_size=8, in_channels=8, out_channels=4,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
-        up_block_types=("CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        block_out_channels=(32, 64), addition_time_embed_dim=256, projection_class_embeddings_input_dim=768,
-        layers_per_block=1, cross_attention_dim=1024, transformer_layers_per_block=1, num_attention_heads=(2, 4),
-        num_frames=FRAMES,
-    )
-    m.load_state_dict(fill_random_(m.state_dict(), seed=11))
-    return m.eval()
-
-
-def _with_id_keys(sd, seed=12):
-    g = torch.Generator().manual_seed(seed)
-    out = dict(sd)
-    for k, v in sd.items():
-        if ".transformer_blocks." in k and "temporal" not in k and k.endswith("attn2.to_k.weight"):
-            pre = k[: -len("to_k.weight")]
-            out[pre + "processor.id_to_k.weight"] = v + 0.05 * torch.randn(v.shape, generator=g)
-            out[pre + "processor.id_to_v.weight"] = sd[pre + "to_v.weight"] + 0.05 * torch.randn(v.shape, generator=g)
-    return out
-
-
 @pytest.fixture(scope="module")
 def L(pack):
     return importlib.import_module("likeness_pack.loaders.stableanimator")
@@ -45,17 +17,11 @@ def L(pack):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, pack):
-    from likeness_blocks.stableanimator import FaceEncoder, PoseNet
-    from support.tiny_models import fill_random_
+    pytest.importorskip("diffusers")
+    from support.tiny_stableanimator import save_tiny_stableanimator
 
     d = tmp_path_factory.mktemp("stableanimator")
-    dm = _tiny_diffusers_unet()
-    torch.save(_with_id_keys(dm.state_dict()), d / "unet.pth")
-    fe = FaceEncoder(cross_attention_dim=1024, depth=1, dim_head=64, heads=2, ff_mult=0.25)
-    torch.save(fill_random_(fe.state_dict(), seed=13), d / "face_encoder.pth")
-    pn = PoseNet(noise_latent_channels=32)
-    torch.save(fill_random_(pn.state_dict(), seed=14), d / "pose_net.pth")
-    return d, dm
+    return d, save_tiny_stableanimator(d)
 
 
 def test_every_diffusers_key_maps_and_forward_matches(files, L):
