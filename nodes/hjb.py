@@ -1,0 +1,70 @@
+"""HJB face optimisation (StableAnimator) as a MODEL patch for any base model."""
+
+import torch
+import torch.nn.functional as F
+
+from ..comfy_compat import io
+from ._types import ArcFaceTorch, FaceEmbeds
+
+
+class LikenessHJBFaceGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessHJBFaceGuidance",
+            display_name="HJB Face Guidance",
+            category="Likeness/Sampling",
+            description="StableAnimator's HJB face optimisation inside any sampler: at each active step the "
+                        "predicted clean video is refined with Adam so its decoded faces match the reference "
+                        "ArcFace embedding. Works with Wan, SVD and the pack's CogVideoX through their VAEs. "
+                        "Costs extra decoder and recogniser passes per active step.",
+            inputs=[
+                io.Model.Input("model", tooltip="The video model to guide (patched on a copy)."),
+                io.Vae.Input("vae", tooltip="The VAE that decodes this model's latents."),
+                ArcFaceTorch.Input("arcface", tooltip="Differentiable ArcFace (Load Differentiable ArcFace)."),
+                FaceEmbeds.Input("reference", tooltip="Reference face(s) from ArcFace Embed; several are averaged."),
+                io.Mask.Input("face_mask", optional=True,
+                              tooltip="Face region per output frame at OUTPUT resolution (one mask = every frame). "
+                                      "Its bounding box is cropped each frame. Unconnected: whole frames."),
+                io.Int.Input("iterations", default=3, min=0, max=50, tooltip="Adam iterations per active step (upstream: 3)."),
+                io.Float.Input("eta", default=0.1, min=0.0, max=10.0, step=0.01,
+                               tooltip="Learning rate at the first step; decays as eta*(1 - step/steps) (upstream: 0.1)."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="Blend of the refined prediction: 0 = off, 1 = the algorithm as published."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="First active step as a fraction of the steps."),
+                io.Float.Input("end_percent", default=0.8, min=0.0, max=1.0, step=0.01,
+                               tooltip="Last active step as a fraction (0.8 of 25 steps = the first 21, as upstream)."),
+                io.Int.Input("window_margin", default=4, min=0, max=256,
+                             tooltip="Latent pixels decoded around the face boxes. Larger = closer to a full decode, "
+                                     "more memory. 256 decodes whole frames (the upstream cost)."),
+                io.Int.Input("frames_per_iteration", default=0, min=0, max=1024,
+                             tooltip="For models with frames on the batch axis (SVD): frames decoded per iteration, "
+                                     "rotating. 0 = all frames (upstream)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with HJB guidance in its sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, arcface, reference, iterations, eta, strength, start_percent, end_percent,
+                window_margin, frames_per_iteration, face_mask=None):
+        from ..adapters.sampler_hook import HJBFaceGuidance, apply_hjb
+        from ..likeness_blocks.hjb import boxes_from_masks
+
+        if end_percent < start_percent:
+            raise ValueError(f"end_percent ({end_percent}) is before start_percent ({start_percent}): swap them.")
+        ref = F.normalize(reference.embeddings(normalized=True).mean(0), dim=-1)
+        boxes = None
+        if face_mask is not None:
+            mask = face_mask if face_mask.ndim == 3 else face_mask[None]
+            boxes, present = boxes_from_masks(mask.float().cpu())
+            if not bool(present.any()):
+                raise ValueError("face_mask is empty in every frame: paint the face region, or unplug it to use whole frames.")
+            # frames whose mask is empty keep the whole-frame box (upstream's fallback)
+        hook = HJBFaceGuidance(vae, arcface, ref, boxes, iterations=iterations, eta=eta, strength=strength,
+                               start_percent=start_percent, end_percent=end_percent, window_margin=window_margin,
+                               frames_per_iteration=frames_per_iteration)
+        return io.NodeOutput(apply_hjb(model, hook))
+
+
+NODES = [LikenessHJBFaceGuidance]

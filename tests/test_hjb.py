@@ -1,0 +1,187 @@
+"""HJB face optimisation: the pure algorithm vs a plain upstream-style reference, and the sampler
+hook on tiny native models (Wan, SVD) in-process."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from likeness_blocks import hjb
+
+
+class TinyRecognizer(torch.nn.Module):
+    """A small differentiable face recogniser: [0,1] RGB crops -> 512-d."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
+        self.fc = torch.nn.Linear(8 * 27 * 27, 512)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+
+    def forward(self, x):
+        x = (x * 255 - 127.5) / 127.5
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
+def plain_upstream_refine(x0, decode, recognizer, ref, boxes, iterations, lr):
+    """StableAnimator's loop as written in the notes: full decode of every frame each iteration."""
+    z0 = x0.clone().detach().float().requires_grad_(True)
+    opt = torch.optim.Adam([z0], lr=lr)
+    for _ in range(iterations):
+        opt.zero_grad()
+        frames = decode(z0)
+        crops = torch.cat([F.interpolate(f[None, :, b[1]:b[3], b[0]:b[2]], size=(112, 112), mode="bilinear",
+                                         align_corners=False) for f, b in zip(frames, boxes.tolist())])
+        e = recognizer(crops)
+        loss = torch.stack([(1 - F.cosine_similarity(ei, ref, dim=0)).abs() for ei in e]).mean()
+        loss.backward()
+        opt.step()
+    return z0.detach()
+
+
+def test_learning_rate_schedule():
+    assert hjb.hjb_learning_rate(0, 25, 0.1) == pytest.approx(0.1)
+    assert hjb.hjb_learning_rate(20, 25, 0.1) == pytest.approx(0.02)
+
+
+def test_boxes_from_masks_and_window():
+    m = torch.zeros(2, 64, 48)
+    m[0, 10:20, 5:15] = 1
+    boxes, present = hjb.boxes_from_masks(m)
+    assert boxes[0].tolist() == [5, 10, 15, 20] and present.tolist() == [True, False]
+    assert boxes[1].tolist() == [0, 0, 48, 64]
+    assert hjb.latent_window(boxes[:1], 8, 1, 8, 6) == (0, 4, 0, 3)
+
+
+def test_refine_matches_plain_upstream_loop():
+    torch.manual_seed(0)
+    dec = torch.nn.Sequential(torch.nn.ConvTranspose2d(4, 3, 8, stride=8), torch.nn.Sigmoid())
+    rec = TinyRecognizer()
+    ref = F.normalize(torch.randn(512), dim=0)
+    x0 = torch.randn(3, 4, 16, 16)
+    boxes = torch.tensor([[10, 12, 90, 100], [0, 0, 128, 128], [30, 20, 120, 110]])
+
+    def loss_fn(z, it):
+        return hjb.identity_loss(rec(hjb.crop_faces(dec(z), boxes)), ref)
+
+    ours, losses = hjb.refine_x0(x0, loss_fn, 3, 0.05)
+    plain = plain_upstream_refine(x0, dec, rec, ref, boxes, 3, 0.05)
+    assert torch.allclose(ours, plain, atol=1e-5)
+    assert not torch.equal(ours, x0)
+    assert losses[-1] < losses[0]
+
+
+# --- the sampler hook on tiny native models ----------------------------------------------------
+
+def _args(model, denoised, sigma, sample_sigmas):
+    return {"denoised": denoised, "model": model, "sigma": torch.tensor([sigma]),
+            "model_options": {"transformer_options": {"sample_sigmas": sample_sigmas}}}
+
+
+@pytest.fixture(scope="module")
+def wan(pack):
+    import comfy.sd
+    from support import tiny_models
+
+    model = comfy.sd.load_diffusion_model_state_dict(tiny_models.tiny_wan_t2v_state_dict())
+    vae = comfy.sd.VAE(sd=tiny_models.tiny_wan_vae_state_dict())
+    return model, vae
+
+
+def _hook(pack, vae, rec, ref, **kw):
+    import importlib
+
+    mod = importlib.import_module("likeness_pack.adapters.sampler_hook")
+    return mod.HJBFaceGuidance(vae, rec, ref, progress=False, **kw)
+
+
+def test_hook_lowers_identity_loss_on_wan(pack, wan):
+    model, vae = wan
+    rec = TinyRecognizer()
+    ref = F.normalize(torch.randn(512), dim=0)
+    hook = _hook(pack, vae, rec, ref, iterations=5, eta=0.5, window_margin=64)
+    denoised = torch.randn(1, 16, 2, 8, 8)
+    sigmas = torch.linspace(1, 0, 11)
+    with torch.inference_mode():  # as under the executor
+        out = hook(_args(model.model, denoised, float(sigmas[0]), sigmas))
+    losses = hook.last_losses[-1][1]
+    assert losses[-1] < losses[0]
+    assert out.shape == denoised.shape and not torch.equal(out, denoised)
+
+
+def test_hook_is_inert_outside_its_range_and_at_zero_strength(pack, wan):
+    model, vae = wan
+    rec, ref = TinyRecognizer(), F.normalize(torch.randn(512), dim=0)
+    sigmas = torch.linspace(1, 0, 11)
+    denoised = torch.randn(1, 16, 2, 8, 8)
+    late = _hook(pack, vae, rec, ref, start_percent=0.0, end_percent=0.5)
+    assert late(_args(model.model, denoised, float(sigmas[8]), sigmas)) is denoised
+    off = _hook(pack, vae, rec, ref, strength=0.0)
+    assert off(_args(model.model, denoised, float(sigmas[0]), sigmas)) is denoised
+
+
+def test_window_decode_matches_full_decode_inside_the_face(pack, wan):
+    """The memory saving (decode a latent window) changes the face crop little on the real Wan VAE."""
+    model, vae = wan
+    rec, ref = TinyRecognizer(), F.normalize(torch.randn(512), dim=0)
+    boxes = torch.tensor([[16, 16, 48, 48]])
+    z = torch.randn(1, 16, 2, 16, 16)
+    full = _hook(pack, vae, rec, ref, face_boxes=boxes, window_margin=64)
+    dec, _ = full._decoder(torch.device("cpu"))
+    with torch.no_grad():
+        frames_full, _ = full._frames(dec, model.model.process_latent_out(z))
+        y0, y1, x0, x1 = hjb.latent_window(boxes, 8, 4, 16, 16)
+        frames_win, _ = full._frames(dec, model.model.process_latent_out(z[..., y0:y1, x0:x1]))
+    a = frames_full[:, :, 16:48, 16:48]
+    b = frames_win[:, :, 16 - y0 * 8:48 - y0 * 8, 16 - x0 * 8:48 - x0 * 8]
+    assert (a - b).abs().mean() < 0.05  # random VAE, global mid-block attention: an approximation, see bench/hjb.py
+
+
+def test_ksampler_with_hjb_keeps_weights_and_changes_output(pack, wan, comfy):
+    import nodes as comfy_nodes
+
+    model, vae = wan
+    rec, ref = TinyRecognizer(), F.normalize(torch.randn(512), dim=0)
+    before_m = {k: v.clone() for k, v in model.model.state_dict().items()}
+    before_v = {k: v.clone() for k, v in vae.first_stage_model.state_dict().items()}
+    from importlib import import_module
+
+    hook_mod = import_module("likeness_pack.adapters.sampler_hook")
+    hook = hook_mod.HJBFaceGuidance(vae, rec, ref, iterations=2, eta=0.3, progress=False)
+    patched = hook_mod.apply_hjb(model, hook)
+    cond = [[torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(1)), {}]]
+    unc = [[torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(2)), {}]]
+    latent = {"samples": torch.zeros(1, 16, 2, 8, 8)}
+
+    def run(m):
+        with torch.inference_mode():
+            return comfy_nodes.common_ksampler(m, 3, 3, 4.0, "euler", "simple", cond, unc, latent)[0]["samples"]
+
+    plain = run(model)
+    guided = run(patched)
+    assert len(hook.last_losses) >= 2
+    assert not torch.allclose(plain, guided)
+    assert torch.equal(run(model), plain)  # the shared model is untouched
+    for k, v in model.model.state_dict().items():
+        assert torch.equal(v, before_m[k]), k
+    for k, v in vae.first_stage_model.state_dict().items():
+        assert torch.equal(v, before_v[k]), k
+    assert "sampler_post_cfg_function" not in model.model_options
+
+
+def test_hook_on_svd_latents_with_frame_subsets(pack, comfy):
+    import comfy.sd
+    from support import tiny_models
+
+    svd = tiny_models.build_tiny_svd()
+    vae = comfy.sd.VAE(sd=tiny_models.tiny_taesd_state_dict())
+    rec, ref = TinyRecognizer(), F.normalize(torch.randn(512), dim=0)
+    hook = _hook(pack, vae, rec, ref, iterations=3, eta=0.5, frames_per_iteration=2, window_margin=64)
+    sigmas = torch.linspace(10, 0, 6)
+    denoised = torch.randn(4, 4, 8, 8)
+    with torch.inference_mode():
+        out = hook(_args(svd.model, denoised, float(sigmas[0]), sigmas))
+    assert out.shape == denoised.shape and not torch.equal(out, denoised)
