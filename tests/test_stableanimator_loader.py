@@ -115,3 +115,41 @@ def test_face_encoder_and_pose_net_files_load(files, L):
     net = L.build_pose_net(L.load_file(str(d / "pose_net.pth"), "PoseNet"))
     assert net.final_proj.out_channels == 32
     assert torch.equal(net.scale, torch.load(d / "pose_net.pth", weights_only=True)["scale"])
+
+
+def test_full_size_svd_xt_layout_maps_completely(pack, L):
+    """The real SVD-xt sizes (diffusers default UNetSpatioTemporalConditionModel vs ComfyUI's SVD config, both on
+    the meta device): every key and shape maps, 16 spatial cross-attentions get id_to_k/id_to_v."""
+    diffusers = pytest.importorskip("diffusers")
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from support.tiny_models import TINY_SVD_UNET
+
+    from likeness_pack.adapters.svd import spatial_block_keys
+
+    cfg = dict(TINY_SVD_UNET, model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
+               transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+               num_heads=-1, num_head_channels=64)
+    with torch.device("meta"):
+        dm = diffusers.UNetSpatioTemporalConditionModel()  # defaults = SVD(-xt) UNet
+        cm = UNetModel(**cfg, operations=comfy.ops.disable_weight_init, device="meta")
+    dsd = {k: v for k, v in dm.state_dict().items()}
+    comfy_sd, id_weights, unmapped = L.convert_unet(with_id_keys_meta(dsd), cfg)
+    target = cm.state_dict()
+    assert unmapped == []
+    assert set(comfy_sd) == set(target)
+    assert all(comfy_sd[k].shape == target[k].shape for k in target)
+    keys = spatial_block_keys(cm)
+    assert len(keys) == 16 and set(id_weights) == set(keys)
+    widths = sorted({w[0].shape[0] for w in id_weights.values()})
+    assert widths == [320, 640, 1280] and all(w[0].shape[1] == 1024 for w in id_weights.values())
+
+
+def with_id_keys_meta(sd):
+    out = dict(sd)
+    for k, v in sd.items():
+        if ".transformer_blocks." in k and "temporal" not in k and k.endswith("attn2.to_k.weight"):
+            pre = k[: -len("to_k.weight")]
+            out[pre + "processor.id_to_k.weight"] = v
+            out[pre + "processor.id_to_v.weight"] = v
+    return out
