@@ -14,7 +14,9 @@ Patches are applied to a clone; patch objects survive ModelPatcher.clone()'s dee
 import torch
 import torch.nn.functional as F
 
-from ..likeness_blocks.stableanimator import normalized_id_attention
+from ..likeness_blocks.stableanimator import normalized_id_attention, tile_indices, tile_weights
+
+FRAME_INDICES = "likeness_frame_indices"  # transformer_options key: (tile frame indices, total frames)
 
 
 def _attention_fn():
@@ -134,6 +136,9 @@ class IDAttentionPatch(_Shared):
 
         flags, frames = _chunk_flags(extra_options, q.shape[0])
         ik, iv = self._id_kv(q.device, q.dtype)
+        tile = extra_options.get(FRAME_INDICES)
+        if tile is not None and ik.shape[0] == tile[1]:
+            ik, iv = ik[tile[0]], iv[tile[0]]
         if ik.shape[0] == 1:
             ik, iv = ik.expand(frames, -1, -1), iv.expand(frames, -1, -1)
         elif ik.shape[0] != frames:
@@ -213,14 +218,19 @@ class PosePatch(_Shared):
         self.calls += 1
         flags, frames = _chunk_flags(transformer_options, h.shape[0])
         n = self.pose_images.shape[0]
-        if n != frames:
+        tile = transformer_options.get(FRAME_INDICES)
+        total = frames if tile is None else tile[1]
+        if n != total:
             raise ValueError(f"StableAnimator PoseNet: the pose sequence has {n} frames but the video latent has "
-                             f"{frames}; give one pose image per video frame (set video_frames to {n}, or trim the "
+                             f"{total}; give one pose image per video frame (set video_frames to {n}, or trim the "
                              "pose frames).")
         if h.shape[1] != self.pose_net.final_proj.out_channels:
             raise ValueError(f"StableAnimator PoseNet outputs {self.pose_net.final_proj.out_channels} channels but the "
                              f"UNet's first convolution gives {h.shape[1]}; this MODEL is not SVD.")
-        lat = self.pose_latents(h.shape[-2:], h.device, h.dtype) * self.strength
+        lat = self.pose_latents(h.shape[-2:], h.device, h.dtype)
+        if tile is not None:
+            lat = lat[tile[0]]
+        lat = lat * self.strength
         add = torch.cat([torch.zeros_like(lat) if f == 1 else lat for f in flags])
         return h + add
 
@@ -238,3 +248,60 @@ def apply_pose(model, pose_net, pose_images, strength=1.0):
     p = PosePatch(pose_net, pose_images, strength)
     m.set_model_input_block_patch(p)
     return m, p
+
+
+def tiled_apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                      tile_size=16, overlap=4, **kwargs):
+    """APPLY_MODEL wrapper: StableAnimator's long-video tiling. Every cond/uncond chunk of F frames is run as tiles
+    (frame 0 in each), and the per-frame outputs are blended with triangular weights (normalised per frame).
+    The model's output is linear in the UNet output at one sigma, so blending it equals blending the UNet output."""
+    flags = list(transformer_options.get("cond_or_uncond") or [0])
+    rows = x.shape[0]
+    if rows % len(flags):
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    frames = rows // len(flags)
+    tiles = tile_indices(frames, tile_size, overlap)
+    if len(tiles) == 1:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    if control is not None:
+        raise ValueError("StableAnimator long-video tiles do not support ControlNet inputs; remove the ControlNet or "
+                         "set the tile size to the video length.")
+    weights = tile_weights(tile_size, device=x.device)
+    out = None
+    count = torch.zeros(frames, device=x.device)
+
+    def take(v, sel):
+        if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == rows:
+            return v[sel.to(v.device)]
+        return v
+
+    for idx in tiles:
+        sel = torch.tensor([c * frames + j for c in range(len(flags)) for j in idx], device=x.device)
+        opts = dict(transformer_options)
+        opts[FRAME_INDICES] = (idx, frames)
+        kw = {k: take(v, sel) for k, v in kwargs.items()}
+        kw["num_video_frames"] = len(idx)
+        y = executor(x[sel], take(t, sel), take(c_concat, sel), take(c_crossattn, sel), control, opts, **kw)
+        w = weights[: len(idx)].to(y.dtype).repeat(len(flags))
+        if out is None:
+            out = torch.zeros((rows,) + tuple(y.shape[1:]), device=y.device, dtype=y.dtype)
+        out.index_add_(0, sel.to(y.device), y * w.view(-1, *([1] * (y.ndim - 1))))
+        count.index_add_(0, torch.tensor(idx, device=x.device), weights[: len(idx)])
+    count = count.repeat(len(flags)).to(out.device, out.dtype)
+    return out / count.view(-1, *([1] * (out.ndim - 1)))
+
+
+TILE_WRAPPER_KEY = "likeness_stableanimator_tiles"
+
+
+def apply_tiling(model, tile_size=16, overlap=4):
+    import functools
+
+    import comfy.patcher_extension
+
+    tile_indices(tile_size + 1, tile_size, overlap)  # validates the numbers with a clear error
+    m = model.clone()
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, TILE_WRAPPER_KEY)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, TILE_WRAPPER_KEY,
+                           functools.partial(tiled_apply_model, tile_size=tile_size, overlap=overlap))
+    return m

@@ -178,3 +178,32 @@ def normalized_id_attention(q, k, v, id_k, id_v, heads, scale=1.0, attention=Non
         return h_txt
     h_id = attention(q, id_k, id_v, heads)
     return h_txt + scale * renormalize_to(h_id.float(), h_txt.float()).to(h_txt.dtype)
+
+
+# --------------------------------------------------------------------------------------------- long video
+
+
+def tile_indices(num_frames, tile_size=16, overlap=4):
+    """StableAnimator's long-video tiles (frame index lists). Tile starts step by ``tile_size - overlap``; each tile
+    is frame 0 followed by the ``tile_size - 1`` frames after its start; when the last tile stops short of the end,
+    one more tile (frame 0 + the last ``tile_size - 1`` frames) is added. Videos no longer than a tile: one tile."""
+    if tile_size < 3:
+        raise ValueError(f"Tile size must be at least 3 frames, got {tile_size}.")
+    if not 1 <= overlap < tile_size - 1:
+        # with overlap 0 the frame at each later tile's start would be in no tile
+        raise ValueError(f"Tile overlap must be at least 1 and below tile size - 1; got {overlap} for tile size "
+                         f"{tile_size}.")
+    if num_frames <= tile_size:
+        return [list(range(num_frames))]
+    tiles = []
+    for start in range(0, num_frames - tile_size + 1, tile_size - overlap):
+        tiles.append([0] + list(range(start + 1, min(start + tile_size, num_frames))))
+    if tiles[-1][-1] < num_frames - 1:
+        tiles.append([0] + list(range(num_frames - tile_size + 1, num_frames)))
+    return tiles
+
+
+def tile_weights(tile_size, device=None, dtype=torch.float32):
+    """Triangular blending weights over a tile's positions: min(w, 2 - w) with w = (j + 0.5) * 2 / tile_size."""
+    w = (torch.arange(tile_size, device=device, dtype=dtype) + 0.5) * 2.0 / tile_size
+    return torch.minimum(w, 2.0 - w)

@@ -165,5 +165,33 @@ class LikenessStableAnimatorPose(io.ComfyNode):
         return io.NodeOutput(m)
 
 
+class LikenessStableAnimatorTiles(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessStableAnimatorTiles",
+            display_name="StableAnimator Long Video",
+            category=CATEGORY,
+            description="Animates pose sequences longer than SVD's window as StableAnimator does: the frames are run "
+                        "in overlapping tiles that all include frame 0 (the reference), blended with triangular "
+                        "weights at every step. Put it last, after the ID Adapter and PoseNet.",
+            inputs=[
+                io.Model.Input("model", tooltip="The StableAnimator MODEL (after ID Adapter / PoseNet)."),
+                io.Int.Input("tile_size", default=16, min=3, max=128,
+                             tooltip="Frames per tile, frame 0 included (16 = upstream). Videos this long or "
+                                     "shorter run as one tile."),
+                io.Int.Input("tile_overlap", default=4, min=1, max=126,
+                             tooltip="Frames shared by neighbouring tiles (4 = upstream); below tile_size - 1."),
+            ],
+            outputs=[io.Model.Output(tooltip="The MODEL sampling in tiles (a patched clone).")],
+        )
+
+    @classmethod
+    def execute(cls, model, tile_size, tile_overlap):
+        from ..adapters.svd import apply_tiling
+
+        return io.NodeOutput(apply_tiling(model, tile_size=tile_size, overlap=tile_overlap))
+
+
 NODES = [LikenessStableAnimatorLoader, LikenessStableAnimatorFaceEncoder, LikenessStableAnimatorIDAdapter,
-         LikenessStableAnimatorPose]
+         LikenessStableAnimatorPose, LikenessStableAnimatorTiles]

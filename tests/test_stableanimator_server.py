@@ -18,7 +18,7 @@ def sa_files(server):
 
 
 def _prompt(files, id_strength=1.0, pose_strength=1.0, pose_color=0xFFFFFF, pose_frames=FRAMES, adapters=True,
-            video=False, prefix="sa"):
+            video=False, prefix="sa", frames=FRAMES, tiles=None):
     p = {
         "1": {"class_type": "LikenessTestTinySVD", "inputs": {"seed": 0}},
         "2": {"class_type": "LikenessStableAnimatorLoader", "inputs": {
@@ -37,13 +37,17 @@ def _prompt(files, id_strength=1.0, pose_strength=1.0, pose_color=0xFFFFFF, pose
             "model": ["6", 0], "stableanimator": ["2", 1], "pose_images": ["7", 0], "strength": pose_strength}},
         "9": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 8421504}},
         "10": {"class_type": "LikenessTestSVDConditioning", "inputs": {
-            "vae": ["1", 1], "init_image": ["9", 0], "width": 64, "height": 64, "video_frames": FRAMES, "seed": 0}},
+            "vae": ["1", 1], "init_image": ["9", 0], "width": 64, "height": 64, "video_frames": frames, "seed": 0}},
         "11": {"class_type": "KSampler", "inputs": {
             "model": ["8", 0] if adapters else ["2", 0], "positive": ["10", 0], "negative": ["10", 1],
             "latent_image": ["10", 2], "seed": 0, "steps": 1, "cfg": 2.0, "sampler_name": "euler",
             "scheduler": "karras", "denoise": 1.0}},
         "12": {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": prefix}},
     }
+    if tiles:
+        p["15"] = {"class_type": "LikenessStableAnimatorTiles", "inputs": {
+            "model": ["8", 0], "tile_size": tiles[0], "tile_overlap": tiles[1]}}
+        p["11"]["inputs"]["model"] = ["15", 0]
     if not adapters:
         for k in ("3", "4", "5", "6", "7", "8"):
             p.pop(k)
@@ -65,7 +69,7 @@ def _latent(server, hist):
 def test_nodes_registered(server):
     info = server.object_info()
     for n in ("LikenessStableAnimatorLoader", "LikenessStableAnimatorFaceEncoder", "LikenessStableAnimatorIDAdapter",
-              "LikenessStableAnimatorPose"):
+              "LikenessStableAnimatorPose", "LikenessStableAnimatorTiles"):
         assert info[n]["category"] == "Likeness/StableAnimator"
 
 
@@ -95,3 +99,10 @@ def test_pose_frame_mismatch_is_a_clear_error(server, sa_files):
         server.run(_prompt(sa_files, pose_frames=FRAMES + 2, prefix="sa_bad"))
     assert "pose sequence has 5 frames but the video latent has 3" in str(exc.value)
     assert "Likeness" in str(server.object_info("LikenessStableAnimatorPose"))  # still serving
+
+
+def test_long_video_tiles_through_the_server(server, sa_files):
+    """5 frames in tiles of 3 (overlap 1): the pose sequence matches the whole video, each tile gets its frames."""
+    hist = server.run(_prompt(sa_files, frames=5, pose_frames=5, tiles=(3, 1), prefix="sa_tiles"))
+    out = _latent(server, hist)
+    assert out.shape == (5, 4, 8, 8) and torch.isfinite(out).all()

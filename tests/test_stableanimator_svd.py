@@ -55,9 +55,9 @@ def _conds(seed=3):
     return pos, neg
 
 
-def _sample(comfy, model, cfg=2.0, steps=1):
+def _sample(comfy, model, cfg=2.0, steps=1, frames=FRAMES):
     pos, neg = _conds()
-    latent = {"samples": torch.zeros(FRAMES, 4, 8, 8)}
+    latent = {"samples": torch.zeros(frames, 4, 8, 8)}
     (out,) = comfy.common_ksampler(model, 0, steps, cfg, "euler", "karras", pos, neg, latent, denoise=1.0)
     return out["samples"]
 
@@ -222,3 +222,82 @@ def test_pose_changes_output_and_strength_zero_is_exact(comfy, svd, A, base):
     mbad, _ = A.apply_pose(svd, net, pose_a[:2])
     with pytest.raises(ValueError, match="pose sequence has 2 frames"):
         _sample(comfy, mbad)
+
+
+# ---------------------------------------------------------------- long-video tiles
+
+
+def ref_tiles(n, size, overlap):
+    """From the notes/upstream description, written independently: starts 0, size-overlap, ...; each tile is
+    frame 0 + the size-1 frames after its start; an extra end-aligned tile when the end is not reached."""
+    if n <= size:
+        return [list(range(n))]
+    out = []
+    s = 0
+    while s <= n - size:
+        out.append([0] + [f for f in range(s + 1, s + size) if f < n])
+        s += size - overlap
+    if out[-1][-1] != n - 1:
+        out.append([0] + list(range(n - size + 1, n)))
+    return out
+
+
+def test_tile_indices_and_weights():
+    from likeness_blocks.stableanimator import tile_indices, tile_weights
+
+    assert tile_indices(16) == [list(range(16))]
+    assert tile_indices(30) == [[0] + list(range(1, 16)), [0] + list(range(13, 28)), [0] + list(range(15, 30))]
+    for n, size, ov in [(5, 3, 1), (40, 16, 4), (17, 16, 4), (9, 4, 2), (100, 16, 1)]:
+        tiles = tile_indices(n, size, ov)
+        assert tiles == ref_tiles(n, size, ov)
+        assert all(len(t) == size and t[0] == 0 for t in tiles)
+        assert set().union(*map(set, tiles)) == set(range(n))
+    w = tile_weights(4)
+    assert torch.allclose(w, torch.tensor([0.25, 0.75, 0.75, 0.25]))
+    with pytest.raises(ValueError, match="overlap"):
+        tile_indices(20, 4, 3)
+    with pytest.raises(ValueError, match="overlap"):  # upstream would leave frames 16, 32, ... out of every tile
+        tile_indices(40, 16, 0)
+
+
+def test_tiled_apply_model_blends_tiles(A):
+    """With a fake model whose output depends on the tile it ran in, the wrapper equals a per-frame weighted mean."""
+    calls = []
+
+    def executor(x, t, c_concat, c_crossattn, control, opts, **kw):
+        calls.append((opts[A.FRAME_INDICES][0], kw["num_video_frames"], x.shape[0], kw["y"].shape[0]))
+        tile_id = float(len(calls))
+        return x * 2 + tile_id + c_concat.mean()
+
+    n, size, ov = 7, 4, 1
+    x = torch.randn(2 * n, 4, 2, 2)
+    cc = torch.zeros(2 * n, 4, 2, 2)
+    y = torch.randn(2 * n, 768)
+    out = A.tiled_apply_model(executor, x, torch.ones(2 * n), cc, torch.zeros(2 * n, 1, 8), None,
+                              {"cond_or_uncond": [1, 0]}, tile_size=size, overlap=ov, y=y, num_video_frames=n)
+    tiles = ref_tiles(n, size, ov)
+    assert [c[0] for c in calls] == tiles and all(c[1] == size and c[2] == 2 * size == c[3] for c in calls)
+    w = [min((j + 0.5) * 2 / size, 2 - (j + 0.5) * 2 / size) for j in range(size)]
+    want = torch.zeros_like(x)
+    for f in range(n):
+        num, den = 0.0, 0.0
+        for ti, tile in enumerate(tiles):
+            if f in tile:
+                wj = w[tile.index(f)]
+                num, den = num + wj * (ti + 1), den + wj
+        for c in range(2):
+            want[c * n + f] = x[c * n + f] * 2 + num / den
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+
+
+def test_tiling_through_the_sampler(comfy, svd, A, base):
+    """One tile (frames <= tile size) == untiled, bit-exact; several tiles run the UNet per tile (with the pose
+    latents of the tile's frames) and give a finite, different result."""
+    assert torch.equal(_sample(comfy, A.apply_tiling(svd, tile_size=16, overlap=4)), base)
+    net = _pose_net_for(svd)
+    pose = torch.rand(4, 64, 64, 3, generator=torch.Generator().manual_seed(9))
+    mp, pp = A.apply_pose(svd, net, pose)
+    tiled = A.apply_tiling(mp, tile_size=3, overlap=1)
+    out = _sample(comfy, tiled, frames=4)
+    assert pp.calls == 2  # tiles [0, 1, 2] and [0, 2, 3]
+    assert torch.isfinite(out).all() and (out - _sample(comfy, mp, frames=4)).abs().max() > 1e-5
