@@ -301,3 +301,36 @@ def test_tiling_through_the_sampler(comfy, svd, A, base):
     out = _sample(comfy, tiled, frames=4)
     assert pp.calls == 2  # tiles [0, 1, 2] and [0, 2, 3]
     assert torch.isfinite(out).all() and (out - _sample(comfy, mp, frames=4)).abs().max() > 1e-5
+
+
+def test_composes_with_hjb_face_guidance(comfy, svd, A):
+    """ID adapter + PoseNet + tiles + the pack's HJB Face Guidance (post-CFG hook) on one tiny SVD: it samples,
+    HJB runs its optimisation, and the result differs from the same graph without HJB."""
+    import torch.nn.functional as F
+    from comfy.sd import VAE
+    from support import tiny_models
+
+    from likeness_pack.adapters.sampler_hook import HJBFaceGuidance, apply_hjb
+
+    class Rec(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
+            self.fc = torch.nn.Linear(8 * 27 * 27, 512)
+            for p in self.parameters():
+                p.data = torch.randn(p.shape, generator=g) * 0.1
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.conv(x * 2 - 1)).flatten(1))
+
+    vae = VAE(sd=tiny_models.tiny_taesd_state_dict())
+    m, _ = A.apply_id_adapter(svd, _id_weights(svd, A), _face_tokens(), strength=1.0)
+    pose = torch.rand(4, 64, 64, 3, generator=torch.Generator().manual_seed(10))
+    m, _ = A.apply_pose(m, _pose_net_for(svd), pose)
+    m = A.apply_tiling(m, tile_size=3, overlap=1)
+    hook = HJBFaceGuidance(vae, Rec(), F.normalize(torch.randn(512), dim=0), iterations=1, eta=0.5, progress=False)
+    guided = _sample(comfy, apply_hjb(m, hook), steps=2, frames=4)
+    plain = _sample(comfy, m, steps=2, frames=4)
+    assert hook.last_losses and torch.isfinite(guided).all()
+    assert (guided - plain).abs().max() > 1e-6
