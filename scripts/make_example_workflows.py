@@ -19,6 +19,17 @@ from workflow_format import api_to_ui  # noqa: E402
 
 # Note nodes shown beside each workflow: which model files it needs, where they go, where to get them.
 NOTES = {
+    "stableanimator_svd_pose_identity": [(
+        "Model files",
+        "StableAnimator on native SVD-xt: a reference photo + a pose video (one DWPose skeleton image per frame) "
+        "-> an animation of that person. Set video_frames to the number of pose frames (longer videos are run in "
+        "tiles by StableAnimator Long Video).\n\n"
+        "models/checkpoints/svd_xt.safetensors (stabilityai/stable-video-diffusion-img2vid-xt, Stability AI licence)\n"
+        "models/stableanimator/unet.pth, face_encoder.pth, pose_net.pth (Animation/ of FrancisRing/StableAnimator)\n"
+        "models/insightface/models/antelopev2/*.onnx (insightface antelopev2, non-commercial research terms)\n\n"
+        "Pose video: render DWPose skeletons of the driving video with a DWPose preprocessor pack (e.g. "
+        "comfyui_controlnet_aux), aligned to the reference person, at 512x512 or 576x1024.",
+    )],
     "wan21_t2v_skeleton": [(
         "Model files",
         "Plain Wan 2.1 text-to-video, the base the identity workflows build on.\n\n"

@@ -85,9 +85,53 @@ class LikenessTestSVDConditioning(io.ComfyNode):
         return io.NodeOutput(positive, negative, {"samples": torch.zeros([video_frames, 4, height // 8, width // 8])})
 
 
+class LikenessTestFaceEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessTestFaceEmbeds", display_name="Test Face Embeds", category="Likeness/Test",
+            description="A FACE_EMBEDS with one seeded random (unnormalised) 512-d ArcFace embedding per face.",
+            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31, tooltip="random seed"),
+                    io.Int.Input("faces", default=1, min=1, max=16, tooltip="number of faces")],
+            outputs=[io.Custom("FACE_EMBEDS").Output()],
+        )
+
+    @classmethod
+    def execute(cls, seed, faces):
+        repo = os.path.dirname(_TESTS)
+        if repo not in sys.path:
+            sys.path.append(repo)
+        from likeness_blocks.face_types import DetectedFace, FaceEmbeds  # pure torch; the pack reads it by duck type
+
+        g = torch.Generator().manual_seed(seed)
+        fs = [DetectedFace(image_index=0, bbox=torch.tensor([8.0, 8.0, 56.0, 56.0]), kps=torch.zeros(5, 2),
+                           det_score=0.9, embedding=torch.randn(512, generator=g) * 20) for _ in range(faces)]
+        return io.NodeOutput(FaceEmbeds(faces=fs, image_sizes=[(64, 64)], model_name="test"))
+
+
+class LikenessTestClipVisionOutput(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessTestClipVisionOutput", display_name="Test CLIP Vision Output", category="Likeness/Test",
+            description="A CLIP_VISION_OUTPUT with seeded random ViT-H image_embeds (1, 1024).",
+            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31, tooltip="random seed")],
+            outputs=[io.ClipVisionOutput.Output()],
+        )
+
+    @classmethod
+    def execute(cls, seed):
+        from comfy.clip_vision import Output
+
+        out = Output()
+        out["image_embeds"] = _seeded((1, 1024), seed)
+        return io.NodeOutput(out)
+
+
 class LikenessTestNodes(ComfyExtension):
     async def get_node_list(self):
-        return [LikenessTestTextConditioning, LikenessTestTinySVD, LikenessTestSVDConditioning]
+        return [LikenessTestTextConditioning, LikenessTestTinySVD, LikenessTestSVDConditioning,
+                LikenessTestFaceEmbeds, LikenessTestClipVisionOutput]
 
 
 async def comfy_entrypoint():
