@@ -24,14 +24,9 @@ def _frames(data):
 
 @pytest.fixture(scope="module")
 def concat_server(server):
-    from support.tiny_models import tiny_wan_t2v_state_dict
+    from support.tiny_models import tiny_concat_id_adaln_state_dict
 
-    sd = tiny_wan_t2v_state_dict(dim=128, layers=2, seed=5)
-    g = torch.Generator().manual_seed(6)
-    sd["time_projection_ref.1.weight"] = sd["time_projection.1.weight"] + 0.05 * torch.randn(sd["time_projection.1.weight"].shape, generator=g)
-    sd["time_projection_ref.1.bias"] = sd["time_projection.1.bias"].clone()
-    for i in range(2):
-        sd[f"blocks.{i}.modulation_ref"] = 0.3 * torch.randn(1, 6, 128, generator=g)
+    sd = tiny_concat_id_adaln_state_dict(dim=128, layers=2, seed=5)
     (server.models_dir / "concat_id").mkdir(exist_ok=True)
     torch.save(sd, server.models_dir / "concat_id" / "tiny_concat_id_adaln.pt")
     rng = np.random.default_rng(0)

@@ -49,10 +49,25 @@ def test_unknown_node_type_is_named(server):
 
 
 def test_wan_skeleton_example_runs_on_tiny_models(server):
+    p = json.loads((REPO / "example_workflows" / "api" / "wan21_t2v_skeleton.json").read_text())
+    p["1"]["inputs"]["unet_name"] = "tiny_wan_t2v.safetensors"
+    p["8"]["inputs"]["vae_name"] = "tiny_wan_vae.safetensors"
+    del p["2"]
+    p["3"] = {"class_type": "LikenessTestTextConditioning", "inputs": {"seed": 1, "tokens": 8, "width": 4096}}
+    p["4"] = {"class_type": "LikenessTestTextConditioning", "inputs": {"seed": 2, "tokens": 8, "width": 4096}}
+    p["6"]["inputs"].update(width=64, height=64, length=5)
+    p["7"]["inputs"].update(steps=2, sampler_name="euler")
+    assert server.output_files(server.run(p), "10")
+
+
+def test_demo_runs_the_concat_id_workflow_on_tiny_models(server):
+    """The tiny path of `make demo` (scripts/demo.py): same graph, tiny files, through the server."""
+    sys.path.insert(0, str(REPO / "scripts"))
     import demo
 
-    prompt = demo.tiny_version(json.loads((REPO / "example_workflows" / "api" / "wan21_t2v_skeleton.json").read_text()))
-    prompt["6"]["inputs"].update(width=64, height=64, length=5)
-    prompt["7"]["inputs"]["steps"] = 2
-    hist = server.run(prompt)
-    assert server.output_files(hist, "10")
+    demo.make_tiny_models(server.base_dir)
+    p = demo.tiny_version(json.loads(demo.WORKFLOW.read_text()))
+    p["13"]["inputs"]["length"] = 5
+    p["14"]["inputs"]["steps"] = 2
+    hist = server.run(p)
+    assert len(server.output_files(hist, "16")) == 1

@@ -10,7 +10,7 @@ PACK_NAME = "likeness_pack"
 _state = {}
 
 
-def import_comfy():
+def import_comfy(cpu=True):
     if "comfy" in _state:
         return _state["comfy"]
     root = str(comfyui_dir())
@@ -19,7 +19,7 @@ def import_comfy():
     # args are not parsed when ComfyUI is a library: ask for the CPU before model_management loads
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = cpu
     import comfy.model_management  # noqa: F401
     import utils.extra_config  # noqa: F401  (ComfyUI's utils package, as main.py imports it first;
     # nodes.py puts comfy/ on sys.path, where comfy/utils.py would shadow it)

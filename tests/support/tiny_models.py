@@ -109,3 +109,16 @@ def tiny_taesd_state_dict(seed=0):
         m = comfy.taesd.taesd.TAESD(latent_channels=4)
     sd = {k: torch.empty(v.shape) for k, v in m.state_dict().items()}
     return fill_random_(sd, seed)
+
+
+def tiny_concat_id_adaln_state_dict(dim=128, layers=2, seed=5):
+    """A tiny Concat-ID `second_stage_adaln.pt` layout: full Wan weights plus the AdaLN extras
+    (`time_projection_ref.*`, `blocks.N.modulation_ref`)."""
+    sd = tiny_wan_t2v_state_dict(dim=dim, layers=layers, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    w = sd["time_projection.1.weight"]
+    sd["time_projection_ref.1.weight"] = w + 0.05 * torch.randn(w.shape, generator=g)
+    sd["time_projection_ref.1.bias"] = sd["time_projection.1.bias"].clone()
+    for i in range(layers):
+        sd[f"blocks.{i}.modulation_ref"] = 0.3 * torch.randn(1, 6, dim, generator=g)
+    return sd
