@@ -11,7 +11,6 @@ CATEGORY = "Likeness/Geometry"
 
 CROP_FANTASYID = "fantasyid (whole image resized to 224)"
 CROP_BOX = "deca standard (InsightFace face box)"
-CROP_68 = "deca standard (68 landmarks, face-alignment)"
 KEEP_ALL = "shape + expression + pose (FantasyID)"
 KEEP_ID = "identity only (neutral pose and expression)"
 SLIDER_HELP = {
@@ -84,11 +83,6 @@ def deca_inputs(image, crop, face_embeds=None):
     chw = image[..., :3].permute(0, 3, 1, 2).float()
     if crop == CROP_FANTASYID:
         return resize_whole(chw)
-    if crop == CROP_68:
-        raise RuntimeError(
-            "The 68-landmark (face-alignment) crop is not available yet in Likeness; use "
-            f"'{CROP_BOX}' with face_embeds from ArcFace Embed, or '{CROP_FANTASYID}'."
-        )
     if crop == CROP_BOX:
         if face_embeds is None:
             raise ValueError(
@@ -119,7 +113,7 @@ class LikenessDecaFlameVertices(io.ComfyNode):
             inputs=[
                 DecaFlame.Input("deca_flame", tooltip="From Load DECA + FLAME."),
                 io.Image.Input("image", tooltip="Reference photo(s); one vertex set per image."),
-                io.Combo.Input("crop", options=[CROP_FANTASYID, CROP_BOX, CROP_68], default=CROP_FANTASYID,
+                io.Combo.Input("crop", options=[CROP_FANTASYID, CROP_BOX], default=CROP_FANTASYID,
                                tooltip="How the 224x224 DECA input is cut from the image. The InsightFace box needs face_embeds."),
                 io.Combo.Input("keep", options=[KEEP_ALL, KEEP_ID], default=KEEP_ALL,
                                tooltip="Keep DECA's expression and global/jaw pose (as FantasyID), or identity only."),

@@ -153,8 +153,8 @@ def test_bad_inputs_fail_clearly(server, geometry_files):
         server.run(p, timeout=60)
 
     p = _prompt("bad3")
-    p["3"]["inputs"]["crop"] = "deca standard (68 landmarks, face-alignment)"
-    with pytest.raises(PromptFailed, match="not available yet"):
+    p["3"]["inputs"]["crop"] = "deca standard (68 landmarks, face-alignment)"  # not offered: refused at validation
+    with pytest.raises(PromptFailed, match="crop"):
         server.run(p, timeout=60)
 
     p = _prompt("bad4", coefficients="400: 1")
