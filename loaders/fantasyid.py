@@ -190,3 +190,79 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# for the nodes: face-module keys only (the 5B transformer's other weights are not read), transform.pkl cache
+# ---------------------------------------------------------------------------------------------------------------------
+def read_face_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Only the face-module tensors of a FantasyID transformer file/folder (.safetensors read lazily)."""
+    if os.path.isdir(path):
+        sub = os.path.join(path, "transformer")
+        if os.path.isdir(sub) and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
+            path = sub
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) or sorted(
+            f for f in os.listdir(path) if f.endswith(".bin"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors or .bin weights in {path}; point at FantasyID's transformer/ folder.")
+        sd = {}
+        for f in files:
+            sd.update(read_face_state_dict(os.path.join(path, f)))
+        return sd
+    if path.endswith((".safetensors", ".sft")):
+        from safetensors import safe_open
+
+        out = {}
+        with safe_open(path, framework="pt", device="cpu") as fh:
+            for k in fh.keys():
+                name = k[len("transformer."):] if k.startswith("transformer.") else k
+                if name.startswith(FACE_PREFIXES):
+                    out[name] = fh.get_tensor(k)
+        return out
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in sd.items() if k.startswith(FACE_PREFIXES)}
+
+
+_MESH_CACHE: Dict[tuple, tuple] = {}
+
+
+def mesh_data_cached(transform_path: str, num_levels: int, seq_length: int):
+    """(spirals, down, up) of a transform.pkl, computed once per file version (spirals take a few seconds)."""
+    from ..likeness_blocks.fantasyid import load_transform_pkl
+
+    st = os.stat(transform_path)
+    key = (os.path.realpath(transform_path), st.st_mtime_ns, st.st_size, num_levels, seq_length)
+    hit = _MESH_CACHE.get(key)
+    if hit is None:
+        if len(_MESH_CACHE) > 4:
+            _MESH_CACHE.clear()
+        hit = mesh_data_for_network(load_transform_pkl(transform_path), num_levels=num_levels, seq_length=seq_length)
+        _MESH_CACHE[key] = hit
+    return hit
+
+
+class FantasyID:
+    """What the FANTASYID socket carries: the face modules (mesh attached) and the injection interval."""
+
+    def __init__(self, modules: FantasyIDFaceModules, cross_attn_interval=None, source: str = ""):
+        self.modules = modules
+        self.cross_attn_interval = cross_attn_interval
+        self.source = source
+
+    def __repr__(self):
+        return f"FantasyID({self.source}, {len(self.modules.layer_attention)} layer_attention)"
+
+
+def load_fantasyid(face_sd: Dict[str, torch.Tensor], transform_path: str, dtype=torch.float32,
+                   cross_attn_interval=None, source: str = "") -> FantasyID:
+    cfg = infer_face_config(split_fantasyid_state_dict(face_sd)[0]) if face_sd else None
+    if cfg is None:
+        raise ValueError(
+            "no FantasyID face modules found (face_abstractor.*, vertex_spiral_net.*, vertex_reducer.*, "
+            "layer_attention.N.*): load FantasyID's transformer/ with 'Load CogVideoX' or pick the transformer file."
+        )
+    modules, _ = load_face_modules(dict(face_sd), dtype=dtype, drop_unused=True)
+    v = cfg["vertex_spiral_net"]
+    modules.vertex_spiral_net.set_mesh(*mesh_data_cached(transform_path, v["num_levels"], v["seq_length"]))
+    modules.eval().requires_grad_(False)
+    return FantasyID(modules, cross_attn_interval, source)
