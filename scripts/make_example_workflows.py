@@ -57,6 +57,21 @@ NOTES = {
         "models/flame/generic_model.pkl  (FLAME 2020; register at flame.is.tue.mpg.de)\n\n"
         "No chumpy needed. Put your photo in ComfyUI/input and pick it in Load Image.",
     )],
+    "fantasyid_cogvideox_i2v": [(
+        "FantasyID: model files",
+        "FantasyID on native CogVideoX-5B-I2V: a photo -> aligned face crop (first frame + EVA02-CLIP face tokens) "
+        "and DECA FLAME vertices (3D tokens; edit the face shape with FLAME Shape Edit) -> fused ID tokens -> "
+        "Layer-Aware Injector after every DiT block.\n\n"
+        "models/cogvideox/FantasyID/transformer/ (config.json + diffusion_pytorch_model*.safetensors from HF "
+        "acvlab/FantasyID; its face modules are set aside by Load CogVideoX and read by Load FantasyID)\n"
+        "models/cogvideox/FantasyID/vae/ (the same repository's vae/)\n"
+        "models/fantasyid/transform.pkl (assets/transform.pkl of github.com/Fantasy-AMAP/fantasy-id; FLAME licence)\n"
+        "models/fantasyid/EVA02_CLIP_L_336_psz14_s6B.pt (face_encoder/ of acvlab/FantasyID)\n"
+        "models/text_encoders/t5xxl_fp16.safetensors (Load CLIP, type sd3)\n"
+        "models/insightface/models/antelopev2/*.onnx (face detection + alignment; non-commercial)\n"
+        "models/deca/deca_model.tar, models/flame/generic_model.pkl (DECA / FLAME 2020; non-commercial)\n\n"
+        "Upstream settings: 49 frames, 720x480, 50 steps, CFG 6, seed 42, sampler ddim + scheduler simple.",
+    )],
 }
 
 

@@ -164,3 +164,34 @@ def test_fantasyid_bad_inputs_fail_clearly(server, fid_files):
     p["30"] = {"class_type": "LikenessTestTinySVD", "inputs": {"seed": 0}}
     with pytest.raises(PromptFailed, match="CogVideoX MODEL"):
         server.run(p, timeout=300)
+
+
+def test_example_workflow_runs_on_tiny_files(server, fid_files):
+    """example_workflows/api/fantasyid_cogvideox_i2v.json with tiny files (tiny InsightFace pack, DECA, FLAME,
+    CogVideoX + FantasyID, EVA02); only the T5 text encoder is swapped for the test conditioning node."""
+    from PIL import Image
+
+    from support import tiny_faces
+    from support.paths import REPO
+
+    tiny_faces.make_tiny_pack(server.models_dir, "tiny", seed=1)
+    Image.fromarray(tiny_faces.squares_image((640, 640), [(384, 96, 32)])).save(server.input_dir / "fid_square.png")
+    p = json.loads((REPO / "example_workflows" / "api" / "fantasyid_cogvideox_i2v.json").read_text())
+    p["1"]["inputs"]["image"] = "fid_square.png"
+    p["2"]["inputs"]["model_name"] = "tiny"
+    p["4"]["inputs"].update(deca_model=DECA_NAME, flame_model=FLAME_NAME)
+    p["6"]["inputs"]["jaw_sharpness"] = 1.0
+    p["10"]["inputs"].update(model_name=f"{COG}/", weight_dtype="fp32")
+    p["11"]["inputs"].update(transform=TRANSFORM, dtype="fp32")
+    p["12"]["inputs"]["eva_clip"] = EVA
+    p.pop("20")
+    p["21"] = {"class_type": "LikenessTestTextConditioning", "inputs": {"seed": 1, "tokens": 8, "width": 64}}
+    p["22"] = {"class_type": "LikenessTestTextConditioning", "inputs": {"seed": 2, "tokens": 8, "width": 64}}
+    p["23"]["inputs"].update(vae_name="tiny_fid_vae/", diffusers_tiling=False)
+    p["24"]["inputs"].update(width=64, height=48, length=5)
+    p["25"]["inputs"]["steps"] = 2
+    p["28"]["inputs"].update(width=64, height=64)
+    hist = server.run(p, timeout=300)
+    files = server.output_files(hist, "27")
+    assert len(files) == 1
+    assert Image.open(__import__("io").BytesIO(server.view(*files[0]))).n_frames == 5
