@@ -73,3 +73,31 @@ def test_preprocess_and_bad_inputs():
         preprocess_face(torch.rand(3, 40, 40), 56)
     with pytest.raises(ValueError, match="EVA02-CLIP"):
         visual_state_dict({"foo": torch.zeros(1)})
+
+
+def test_full_size_eva02_l_336_layout_is_inferred():
+    """EVA02-CLIP-L-14-336 shapes (meta tensors, no weights): the config read from an EVA-CLIP-named state dict is
+    timm's eva02_large_patch14_clip_336 (24 blocks, width 1024, 16 heads, 577 tokens, SwiGLU 2730, 768 projection)."""
+    from timm.models.eva import Eva
+
+    from _fantasyid_synth import _TO_EVA_CLIP
+
+    args = dict(img_size=336, patch_size=14, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4 * 2 / 3,
+                qkv_fused=False, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True, use_rot_pos_emb=True,
+                ref_feat_shape=(16, 16), global_pool="token", num_classes=768)
+    with torch.device("meta"):
+        ref = Eva(**args)
+    sd = {}
+    for k, v in ref.state_dict().items():
+        for a, b in _TO_EVA_CLIP:
+            k = k.replace(a, b)
+        sd["visual." + k] = v
+    assert sd["visual.pos_embed"].shape == (1, 577, 1024)
+    assert sd["visual.blocks.23.mlp.w3.weight"].shape == (1024, 2730)
+    cfg = infer_eva_config(visual_state_dict(sd))
+    for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "num_classes"):
+        assert cfg[k] == args[k], k
+    with torch.device("meta"):
+        built = Eva(**cfg)
+    assert {k: tuple(v.shape) for k, v in built.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in ref.state_dict().items()}
