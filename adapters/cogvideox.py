@@ -206,6 +206,10 @@ def dit_class():
             if context is None:
                 raise ValueError("CogVideoX needs text conditioning: connect a CONDITIONING from "
                                  "'CogVideoX Text Encode' (T5-XXL, 226 tokens) to the sampler.")
+            if kwargs.get("time_dim_concat") is not None:
+                raise ValueError("The conditioning carries Concat-ID reference latents, but this CogVideoX MODEL is not "
+                                 "patched for them: put 'Concat-ID Model Patch (CogVideoX)' between the model and "
+                                 "the sampler.")
             b, c, t, h, w = x.shape
             p = self.config.patch_size
             if h % p or w % p:
@@ -259,6 +263,9 @@ class CogVideoXModel(comfy.model_base.BaseModel):
                     "image: pass positive and negative through 'CogVideoX I2V Conditioning' before the sampler."
                     .format(self.in_channels))
             out["c_concat"] = comfy.conds.CONDNoiseShape(self.image_concat(image, noise))
+        refs = kwargs.get("time_dim_concat", None)
+        if refs is not None:  # Concat-ID reference latent frames (clean, scaled like the video latents)
+            out["time_dim_concat"] = comfy.conds.CONDRegular(self.process_latent_in(refs))
         return out
 
     def image_concat(self, image_latent, noise):

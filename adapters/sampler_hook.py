@@ -29,13 +29,14 @@ class HJBFaceGuidance:
 
     def __init__(self, vae, recognizer, reference, face_boxes=None, iterations=3, eta=0.1, strength=1.0,
                  start_percent=0.0, end_percent=0.8, window_margin=4, frames_per_iteration=0, progress=True,
-                 detector=None, det_threshold=0.5):
+                 detector=None, det_threshold=0.5, framewise=True):
         self.vae = vae
         self.recognizer = recognizer
         self.reference = reference.detach().float().reshape(-1)
         self.face_boxes = face_boxes  # (F_out, 4) output pixels; None: detector boxes, else whole frames
         self.detector = detector  # InsightFace pack: boxes found on a preview decode at the first active step
         self.det_threshold = det_threshold
+        self.framewise = framewise  # causal video VAEs: checkpoint the decode along time
         self._run_boxes = None
         self._last_step = None
         self.iterations = iterations
@@ -73,6 +74,54 @@ class HJBFaceGuidance:
             self._modules = (device, _fresh_module(self.vae.first_stage_model, device),
                              _fresh_module(self.recognizer, device))
         return self._modules[1], self._modules[2]
+
+    @staticmethod
+    def _causal_video_vae(decoder):
+        """The Wan 2.1 VAE decodes one latent frame at a time through a causal feature cache; its
+        internals are not a public API, so anything else (or a changed layout) decodes whole."""
+        try:
+            import comfy.ldm.wan.vae as wan_vae
+        except ImportError:
+            return None
+        ok = isinstance(decoder, wan_vae.WanVAE) and hasattr(wan_vae, "count_conv3d") and hasattr(decoder, "conv2")
+        return wan_vae.count_conv3d if ok else None
+
+    def _framewise_loss(self, decoder, count_conv3d, raw_of, n_latent, frame_loss):
+        """Exact loss and gradient of the whole-video decode with one latent frame's activations
+        alive at a time: a first pass without autograd keeps the causal cache entering each latent
+        frame; then, from the last frame back, each frame is decoded again from its cache with
+        autograd and back-propagated together with the gradient its output cache received from the
+        later frames (checkpointing along time)."""
+        total_out = 1 + 4 * (n_latent - 1)
+
+        def decode_frame(t, cache):
+            return decoder.decoder(decoder.conv2(raw_of(t).to(self.vae.vae_dtype)), feat_cache=cache, feat_idx=[0])
+
+        entering = []
+        cache = [None] * count_conv3d(decoder.decoder)
+        with torch.no_grad():
+            for t in range(n_latent):
+                entering.append(list(cache))  # the decoder replaces entries, never edits them in place
+                decode_frame(t, cache)
+        loss_sum, grad_out = 0.0, None
+        for t in reversed(range(n_latent)):
+            leaves = [c.detach().requires_grad_(True) if torch.is_tensor(c) else c for c in entering[t]]
+            cache = list(leaves)
+            video = self.vae.process_output(decode_frame(t, cache).float())  # [B, 3, n, H, W]
+            b, c, n, h, w = video.shape
+            first = 0 if t == 0 else 1 + 4 * (t - 1)
+            frames = video.permute(0, 2, 1, 3, 4).reshape(b * n, c, h, w)
+            loss = frame_loss(frames, (torch.arange(b * n) % n) + first) * (n / total_out)
+            tensors, grads = [loss], [torch.ones_like(loss)]
+            if grad_out is not None:
+                for out_c, g in zip(cache, grad_out):
+                    if g is not None and torch.is_tensor(out_c) and out_c.requires_grad:
+                        tensors.append(out_c)
+                        grads.append(g)
+            torch.autograd.backward(tensors, grads)
+            grad_out = [leaf.grad if torch.is_tensor(leaf) else None for leaf in leaves]
+            loss_sum += float(loss.detach())
+        return loss_sum
 
     def _frames(self, decoder, raw):
         """Decoded pixels in 0..1 as (N, 3, H, W) plus how many frames per batch element."""
@@ -138,7 +187,22 @@ class HJBFaceGuidance:
         def between(it):
             comfy.model_management.throw_exception_if_processing_interrupted()
 
+        def frame_loss(frames, out_index):
+            boxes = boxes_all[out_index % len(boxes_all)].clone()
+            boxes[:, [0, 2]] -= x0 * up
+            boxes[:, [1, 3]] -= y0 * up
+            return hjb.identity_loss(recognizer(hjb.crop_faces(frames, boxes)), reference)
+
+        count_conv3d = self._causal_video_vae(decoder) if (self.framewise and video_layout) else None
+
         def loss_fn(z, it):
+            if bar is not None:
+                bar.update(1)
+            if count_conv3d is not None:
+                return self._framewise_loss(
+                    decoder, count_conv3d,
+                    lambda t: z[:, :, t:t + 1, y0:y1, x0:x1] * latent_scale[:, :, :1] + latent_shift[:, :, :1],
+                    z.shape[2], frame_loss)
             zc = z[..., y0:y1, x0:x1]
             sel = None
             if not video_layout and 0 < self.frames_per_iteration < n_latent_frames:
@@ -148,14 +212,7 @@ class HJBFaceGuidance:
                 zc = zc[sel]
             frames, per_video = self._frames(decoder, zc * latent_scale + latent_shift)
             idx = torch.arange(frames.shape[0]) % per_video if sel is None else sel.cpu()
-            boxes = boxes_all[idx % len(boxes_all)].clone()
-            boxes[:, [0, 2]] -= x0 * up
-            boxes[:, [1, 3]] -= y0 * up
-            emb = recognizer(hjb.crop_faces(frames, boxes))
-            loss = hjb.identity_loss(emb, reference)
-            if bar is not None:
-                bar.update(1)
-            return loss
+            return frame_loss(frames, idx)
 
         with torch.inference_mode(False), torch.enable_grad():
             reference = self.reference.to(device).clone()  # the node made it under inference mode

@@ -65,8 +65,9 @@ def latent_window(boxes, scale, margin, latent_h, latent_w):
 
 
 def refine_x0(x0, loss_fn, iterations, lr, between_iterations=None):
-    """Adam on a detached fp32 copy of x0; loss_fn(z, iteration) -> scalar. Returns (refined x0 in
-    x0's dtype, [loss per iteration]). Gradients reach only the copy."""
+    """Adam on a detached fp32 copy of x0. loss_fn(z, iteration) returns the loss as a tensor (it is
+    back-propagated here) or as a float after back-propagating it itself in pieces (z.grad filled).
+    Returns (refined x0 in x0's dtype, [loss per iteration]). Gradients reach only the copy."""
     z = x0.detach().float().clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     losses = []
@@ -75,7 +76,9 @@ def refine_x0(x0, loss_fn, iterations, lr, between_iterations=None):
             between_iterations(it)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(z, it)
-        loss.backward()
+        if torch.is_tensor(loss):
+            loss.backward()
+            loss = float(loss.detach())
         opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(loss)
     return z.detach().to(x0.dtype), losses

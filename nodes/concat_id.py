@@ -146,12 +146,13 @@ class ConcatIDConditioner(io.ComfyNode):
             description=(
                 "VAE-encodes each prepared reference as one clean latent frame and attaches the frames to both "
                 "positive and negative (both CFG branches carry the references, as in Concat-ID); outputs an empty "
-                "video latent. Use with the Concat-ID Model Patch. " + MULTI_REF_WARNING
+                "video latent. Use with the Concat-ID Model Patch (Wan or CogVideoX: give it that model's VAE). "
+                + MULTI_REF_WARNING
             ),
             inputs=[
                 io.Conditioning.Input("positive", tooltip="Positive text conditioning (Wan umT5)."),
                 io.Conditioning.Input("negative", tooltip="Negative text conditioning (Wan umT5)."),
-                io.Vae.Input("vae", tooltip="The Wan 2.1 VAE."),
+                io.Vae.Input("vae", tooltip="The Wan 2.1 VAE, or the CogVideoX VAE for Concat-ID's CogVideoX model."),
                 io.Image.Input("references", tooltip="Prepared reference(s) from Concat-ID Prepare Reference; each image "
                                                      "in the batch becomes its own latent frame (one identity each)."),
                 io.Int.Input("width", default=832, min=16, max=8192, step=16, tooltip="Video width in pixels."),
@@ -189,7 +190,7 @@ class ConcatIDConditioner(io.ComfyNode):
             z = vae.encode(refs[i:i + 1])
             if z.ndim != 5 or z.shape[2] != 1:
                 raise ValueError(f"The VAE encoded one reference image to shape {tuple(z.shape)}; Concat-ID needs a "
-                                 "Wan 2.1 VAE (one latent frame per image).")
+                                 "Wan 2.1 or CogVideoX VAE (one latent frame per image).")
             lat.append(z)
         ref_latent = torch.cat(lat, dim=2)
         positive = node_helpers.conditioning_set_values(positive, {"time_dim_concat": ref_latent})

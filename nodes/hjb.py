@@ -42,6 +42,10 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
                 io.Int.Input("window_margin", default=4, min=0, max=256,
                              tooltip="Latent pixels decoded around the face boxes. Larger = closer to a full decode, "
                                      "more memory. 256 decodes whole frames (the upstream cost)."),
+                io.Boolean.Input("low_memory_decode", default=True,
+                                 tooltip="Wan's causal VAE: decode and back-propagate one latent frame at a time, "
+                                         "checkpointed along time (memory of one frame, same result, one extra "
+                                         "decode). Off: the whole video at once, as upstream."),
                 io.Int.Input("frames_per_iteration", default=0, min=0, max=1024,
                              tooltip="For models with frames on the batch axis (SVD): frames decoded per iteration, "
                                      "rotating. 0 = all frames (upstream)."),
@@ -51,7 +55,7 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, arcface, reference, iterations, eta, strength, start_percent, end_percent,
-                window_margin, frames_per_iteration, face_mask=None, insightface=None):
+                window_margin, frames_per_iteration, low_memory_decode=True, face_mask=None, insightface=None):
         from ..adapters.sampler_hook import HJBFaceGuidance, apply_hjb
         from ..likeness_blocks.hjb import boxes_from_masks
 
@@ -67,7 +71,8 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
             # frames whose mask is empty keep the whole-frame box (upstream's fallback)
         hook = HJBFaceGuidance(vae, arcface, ref, boxes, iterations=iterations, eta=eta, strength=strength,
                                start_percent=start_percent, end_percent=end_percent, window_margin=window_margin,
-                               frames_per_iteration=frames_per_iteration, detector=insightface)
+                               frames_per_iteration=frames_per_iteration, detector=insightface,
+                               framewise=low_memory_decode)
         return io.NodeOutput(apply_hjb(model, hook))
 
 

@@ -218,3 +218,33 @@ def test_detector_boxes_on_the_first_active_step(pack, wan):
         assert det.calls == first_calls  # detection runs once per sampling run
         hook(_args(model.model, denoised, float(sigmas[0]), sigmas))  # a new run detects again
         assert det.calls > first_calls
+
+
+def test_framewise_decode_equals_whole_decode(pack, wan):
+    """Low-memory decode (checkpointed along time): the same loss and gradient as decoding the
+    whole video at once."""
+    model, vae = wan
+    rec, ref = TinyRecognizer(), F.normalize(torch.randn(512), dim=0)
+    boxes = torch.tensor([[8, 8, 56, 56]])
+    z0 = torch.randn(1, 16, 3, 8, 8)
+    grads, losses = [], []
+    for framewise in (False, True):
+        hook = _hook(pack, vae, rec, ref, face_boxes=boxes, window_margin=64, framewise=framewise)
+        dec, r = hook._decoder(torch.device("cpu"))
+        z = z0.clone().requires_grad_(True)
+
+        def frame_loss(frames, idx):
+            return hjb.identity_loss(r(hjb.crop_faces(frames, boxes[idx % 1])), ref)
+
+        raw = lambda t: z[:, :, t:t + 1] * 1.0
+        if framewise:
+            loss = hook._framewise_loss(dec, hook._causal_video_vae(dec), raw, 3, frame_loss)
+        else:
+            frames, per = hook._frames(dec, z)
+            l = frame_loss(frames, torch.arange(frames.shape[0]))
+            l.backward()
+            loss = float(l)
+        grads.append(z.grad.flatten().clone())
+        losses.append(loss)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4), (grads[0] - grads[1]).abs().max()
