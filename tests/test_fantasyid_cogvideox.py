@@ -208,3 +208,55 @@ def test_cfg_sampling_both_branches_get_ids(cog, M):
     assert torch.equal(sample(A.apply_layer_injection(cog, _las(4), ids, strength=0.0)), plain)
     assert (sample(A.apply_layer_injection(cog, _las(4), ids, strength=1.0)) - plain).abs().max() > 1e-4
     assert all(not b._forward_hooks for b in cog.model.diffusion_model.transformer_blocks)
+
+
+def test_face_modules_from_model_extras_equal_from_file(tmp_path, M, pack):
+    """Load FantasyID's two sources give the same modules: the keys 'Load CogVideoX' set aside from a FantasyID
+    transformer/ folder, and the same transformer file read directly (face keys only; 'transformer.' prefix too)."""
+    import json
+    import pickle
+
+    from diffusers import CogVideoXTransformer3DModel
+    from safetensors.torch import load_file, save_file
+
+    from _fantasyid_synth import _grid, face_module_state_dict, transform_dict
+
+    L, _ = M
+    Lf = importlib.import_module("likeness_pack.loaders.fantasyid")
+    torch.manual_seed(1)
+    d = tmp_path / "FantasyID" / "transformer"
+    CogVideoXTransformer3DModel(**dict(TINY_I2V, num_layers=2)).save_pretrained(d)
+    f = d / "diffusion_pytorch_model.safetensors"
+    face = face_module_state_dict(inner_dim=32, n_layers=2, seed=4)
+    save_file({**load_file(str(f)), **face}, str(f))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["cross_attn_interval"] = 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    v0, f0 = _grid(12, 0)  # 144 vertices -> 49 -> 16
+    tp = tmp_path / "transform.pkl"
+    tp.write_bytes(pickle.dumps(transform_dict(v0, f0)))
+
+    mp = L.load_transformer(str(tmp_path / "FantasyID"), "fp32")
+    ex = L.get_extras(mp)
+    assert ex.extra_config.get("cross_attn_interval") == 1
+    a = Lf.load_fantasyid(ex.face_state_dict, str(tp), cross_attn_interval=1)
+    b = Lf.load_fantasyid(Lf.read_face_state_dict(str(f)), str(tp))
+    pref = tmp_path / "prefixed.safetensors"
+    save_file({"transformer." + k: v for k, v in load_file(str(f)).items()}, str(pref))
+    c = Lf.load_fantasyid(Lf.read_face_state_dict(str(pref)), str(tp))
+    assert set(Lf.read_face_state_dict(str(tmp_path / "FantasyID"))) == set(face)
+    for other in (b, c):
+        sa, sb = a.modules.state_dict(), other.modules.state_dict()
+        assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    g = torch.Generator().manual_seed(0)
+    hs = [torch.randn(1, 17, 64, generator=g) for _ in range(5)]
+    verts = torch.randn(1, 144, 3, generator=g) * 0.1
+    with torch.no_grad():
+        from likeness_blocks.fantasyid import encode_id_tokens
+
+        ids = [encode_id_tokens(m.modules.face_abstractor, m.modules.vertex_spiral_net, m.modules.vertex_reducer, hs,
+                                verts) for m in (a, b)]
+    assert ids[0].shape == (1, 36 + 3, 64)  # 144 vertices -> 36 -> 9 -> 5 -> 3 vertex tokens at this mesh size
+    assert torch.equal(ids[0], ids[1])
+    with pytest.raises(ValueError, match="no FantasyID face modules"):
+        Lf.load_fantasyid({}, str(tp))
