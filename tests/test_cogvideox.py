@@ -502,3 +502,25 @@ def test_t5_encoder_on_226_tokens_matches_transformers(L):
         ref = hf(ids)[0]
     assert ours.shape == (1, 226, 32)
     assert (ours.float() - ref).abs().max() < 1e-4
+
+
+def test_hjb_refines_cogvideox_latents(tiny, L):
+    """HJB Face Guidance on the native CogVideoX MODEL and VAE (the post-CFG hook, in inference mode)."""
+    import torch.nn.functional as F
+
+    from test_hjb import TinyRecognizer
+
+    hook_mod = importlib.import_module("likeness_pack.adapters.sampler_hook")
+    model = L.load_transformer(str(tiny["dir"] / "t2v"), "fp32").model
+    vae = L.make_vae(tiny["vae"])
+    hook = hook_mod.HJBFaceGuidance(vae, TinyRecognizer(), F.normalize(torch.randn(512), dim=0), iterations=3,
+                                    eta=0.5, window_margin=64, progress=False)
+    sigmas = torch.linspace(float(model.model_sampling.sigma_max), 0, 5)
+    denoised = torch.randn(1, 16, 3, 6, 8)
+    args = {"denoised": denoised, "model": model, "sigma": sigmas[:1],
+            "model_options": {"transformer_options": {"sample_sigmas": sigmas}}}
+    with torch.inference_mode():
+        out = hook(args)
+    losses = hook.last_losses[-1][1]
+    assert out.shape == denoised.shape and not torch.equal(out, denoised)
+    assert losses[-1] < losses[0]
