@@ -1,17 +1,21 @@
 # Two commands for a fresh machine (see README):
 #   make demo   sets up the pinned ComfyUI (or uses COMFYUI_DIR) and runs the default example workflow
-#   make test   sets up the pinned ComfyUI and runs the whole test suite against a real server
+#   make test   sets up the pinned ComfyUI (and Debian's Chromium for the browser test) and runs the whole
+#               test suite against a real server
 PY ?= .venv/bin/python
 
-.PHONY: setup demo test bench
+.PHONY: setup setup-browser demo test bench
 
 setup:
 	bash scripts/setup_comfyui.sh
 
+setup-browser:
+	bash scripts/setup_browser.sh
+
 demo: setup
 	$(PY) scripts/demo.py
 
-test: setup
+test: setup setup-browser
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup
