@@ -33,14 +33,9 @@ ATOL = 1e-5
 
 def _randomize(module, seed=0, scale=0.2):
     """Shared random weights (LayerNorm/GroupNorm affine too), so no parameter sits at a trivial default."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("weight") and p.ndim == 1:
-                p.copy_(1.0 + scale * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(scale * torch.randn(p.shape, generator=g))
-    return module
+    from _fantasyid_synth import _randomize as randomize
+
+    return randomize(module, seed, scale)
 
 
 # =====================================================================================================================
