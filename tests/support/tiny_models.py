@@ -97,10 +97,6 @@ def build_tiny_svd(seed=0, state_dict=None):
     return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=offload)
 
 
-def tiny_svd_state_dict(seed=0):
-    return build_tiny_svd(seed).model.diffusion_model.state_dict()
-
-
 def tiny_taesd_state_dict(seed=0):
     """A TAESD VAE (4 latent channels) for SVD plumbing; the real SVD VAE is large."""
     import comfy.taesd.taesd
