@@ -10,7 +10,6 @@ Presets: tiny (CI smoke), medium (CPU-sized), 5b (CogVideoX-5B shapes, 49x480x72
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
 import statistics
@@ -32,18 +31,27 @@ PRESETS = {
 
 
 def setup(cpu):
-    root = os.environ.get("LIKENESS_COMFYUI", os.path.join(REPO, ".comfyui", "ComfyUI"))
-    sys.path.insert(0, root)
-    from comfy.cli_args import args
+    """ComfyUI in-process (LIKENESS_COMFYUI or the pinned copy) and the pack as `likeness_pack`."""
+    sys.path[:0] = [os.path.join(REPO, "tests"), REPO]
+    from support.comfy_env import import_comfy, import_pack
 
-    args.cpu = cpu
-    import comfy.model_management  # noqa: F401
+    import_comfy(cpu=cpu)
+    import_pack()
 
-    spec = importlib.util.spec_from_file_location("likeness_pack", os.path.join(REPO, "__init__.py"),
-                                                  submodule_search_locations=[REPO])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["likeness_pack"] = mod
-    spec.loader.exec_module(mod)
+
+def preset_args(description):
+    """The options both CogVideoX benches take -> (args, cuda, dtype, transformer config, (t, h, w), text length)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--preset", default="medium", choices=sorted(PRESETS))
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: fp32 on CPU, bf16 on GPU)")
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    setup(cpu=not cuda)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype or ("bf16" if cuda else "fp32")]
+    extra, thw, text_len = PRESETS[a.preset]
+    cfg = dict(in_channels=16, out_channels=16, use_rotary_positional_embeddings=True, **extra)
+    return a, cuda, dtype, cfg, thw, text_len
 
 
 def timed_pair(fa, fb, iters, sync):
@@ -64,21 +72,12 @@ def timed_pair(fa, fb, iters, sync):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="medium", choices=sorted(PRESETS))
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: fp32 on CPU, bf16 on GPU)")
-    a = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    setup(cpu=not cuda)
+    a, cuda, dtype, cfg, (t, h, w), text_len = preset_args(__doc__)
     import comfy.model_management as mm
     from diffusers import CogVideoXTransformer3DModel
 
     L = importlib.import_module("likeness_pack.loaders.cogvideox")
     A = importlib.import_module("likeness_pack.adapters.cogvideox")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype or ("bf16" if cuda else "fp32")]
-    extra, (t, h, w), text_len = PRESETS[a.preset]
-    cfg = dict(in_channels=16, out_channels=16, use_rotary_positional_embeddings=True, **extra)
     dev = mm.get_torch_device()
     torch.manual_seed(0)
     direct = CogVideoXTransformer3DModel(**cfg).to(dev, dtype).eval()

@@ -8,7 +8,6 @@ with the model width: dim_head 128 x 16 heads at 3072, kv 2048). Includes the wr
 Presets as bench/cogvideox_step.py: tiny (CI smoke), medium (CPU-sized), 5b (CogVideoX-5B shapes; needs a GPU).
 """
 
-import argparse
 import importlib
 import json
 import os
@@ -18,17 +17,11 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cogvideox_step import PRESETS, setup, timed_pair  # noqa: E402
+from cogvideox_step import preset_args, timed_pair  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="medium", choices=sorted(PRESETS))
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: fp32 on CPU, bf16 on GPU)")
-    a = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    setup(cpu=not cuda)
+    a, cuda, dtype, cfg, (t, h, w), text_len = preset_args(__doc__)
     import comfy.model_management as mm
     from diffusers import CogVideoXTransformer3DModel
 
@@ -36,9 +29,6 @@ def main():
     F = importlib.import_module("likeness_pack.adapters.cogvideox_fantasyid")
     from likeness_pack.likeness_blocks.fantasyid import LayerAttention
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype or ("bf16" if cuda else "fp32")]
-    extra, (t, h, w), text_len = PRESETS[a.preset]
-    cfg = dict(in_channels=16, out_channels=16, use_rotary_positional_embeddings=True, **extra)
     dev = mm.get_torch_device()
     torch.manual_seed(0)
     net = CogVideoXTransformer3DModel(**cfg).eval()

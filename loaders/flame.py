@@ -20,9 +20,6 @@ DECA_HELP = (
 def _full_path(key, name, help_text):
     import folder_paths
 
-    from .model_folders import register_model_folders
-
-    register_model_folders()
     if not name:
         raise ValueError(f"No {key} file chosen. {help_text}")
     path = folder_paths.get_full_path(key, name)
@@ -34,18 +31,12 @@ def _full_path(key, name, help_text):
 def flame_file_list():
     import folder_paths
 
-    from .model_folders import register_model_folders
-
-    register_model_folders()
     return folder_paths.get_filename_list("flame")
 
 
 def deca_file_list():
     import folder_paths
 
-    from .model_folders import register_model_folders
-
-    register_model_folders()
     return folder_paths.get_filename_list("deca")
 
 

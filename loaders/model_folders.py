@@ -35,5 +35,4 @@ def register_model_folders():
 
 
 def model_folder_paths(key):
-    register_model_folders()
     return folder_paths.get_folder_paths(key)

@@ -5,6 +5,10 @@ import importlib
 import pkgutil
 
 from ..comfy_compat import ComfyExtension
+from ..loaders.model_folders import register_model_folders
+
+# once, before any node schema lists the pack's model folders
+register_model_folders()
 
 
 def all_nodes():
@@ -19,7 +23,4 @@ def all_nodes():
 
 class LikenessExtension(ComfyExtension):
     async def get_node_list(self):
-        from ..loaders.model_folders import register_model_folders
-
-        register_model_folders()
         return all_nodes()

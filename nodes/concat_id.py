@@ -19,9 +19,6 @@ class ConcatIDLoader(io.ComfyNode):
     def define_schema(cls):
         import folder_paths
 
-        from ..loaders.model_folders import register_model_folders
-
-        register_model_folders()
         return io.Schema(
             node_id="LikenessConcatIDLoader",
             display_name="Concat-ID Wan Loader",

@@ -11,9 +11,6 @@ class ConcatIDCogVideoXLoader(io.ComfyNode):
     def define_schema(cls):
         import folder_paths
 
-        from ..loaders.model_folders import register_model_folders
-
-        register_model_folders()
         return io.Schema(
             node_id="LikenessConcatIDCogVideoXLoader",
             display_name="Concat-ID CogVideoX Loader (SAT)",

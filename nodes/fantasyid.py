@@ -27,9 +27,6 @@ WEIGHT_EXTS = (".safetensors", ".sft", ".pt", ".pth", ".bin")
 def _files(exts):
     import folder_paths
 
-    from ..loaders.model_folders import register_model_folders
-
-    register_model_folders()
     try:
         names = folder_paths.get_filename_list(FOLDER)
     except Exception:  # listing must never break the node list

@@ -5,11 +5,10 @@ import os
 import folder_paths
 
 from ..comfy_compat import io
-from ..loaders.model_folders import MODEL_FOLDERS, register_model_folders
+from ..loaders.model_folders import MODEL_FOLDERS
 
 
 def model_folders_report():
-    register_model_folders()
     lines = []
     for key, (_sub, _exts, what) in MODEL_FOLDERS.items():
         lines.append(f"[{key}] {what}")

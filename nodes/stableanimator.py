@@ -4,14 +4,12 @@ import folder_paths
 import torch
 
 from ..comfy_compat import io
-from ..loaders.model_folders import register_model_folders
 from ._types import FaceEmbeds, FaceTokens, StableAnimator
 
 CATEGORY = "Likeness/StableAnimator"
 
 
 def _files():
-    register_model_folders()
     return folder_paths.get_filename_list("stableanimator")
 
 
