@@ -29,14 +29,15 @@ class HJBFaceGuidance:
 
     def __init__(self, vae, recognizer, reference, face_boxes=None, iterations=3, eta=0.1, strength=1.0,
                  start_percent=0.0, end_percent=0.8, window_margin=4, frames_per_iteration=0, progress=True,
-                 detector=None, det_threshold=0.5, framewise=True):
+                 detector=None, det_threshold=0.5, framewise=True, decode_chunk=4):
         self.vae = vae
         self.recognizer = recognizer
         self.reference = reference.detach().float().reshape(-1)
         self.face_boxes = face_boxes  # (F_out, 4) output pixels; None: detector boxes, else whole frames
         self.detector = detector  # InsightFace pack: boxes found on a preview decode at the first active step
         self.det_threshold = det_threshold
-        self.framewise = framewise  # causal video VAEs: checkpoint the decode along time
+        self.framewise = framewise  # back-propagate piecewise: along time (Wan), per decode chunk (SVD)
+        self.decode_chunk = max(1, int(decode_chunk))  # frames per temporal-decoder call, frames-on-batch layouts
         self._run_boxes = None
         self._last_step = None
         self.iterations = iterations
@@ -204,15 +205,28 @@ class HJBFaceGuidance:
                     lambda t: z[:, :, t:t + 1, y0:y1, x0:x1] * latent_scale[:, :, :1] + latent_shift[:, :, :1],
                     z.shape[2], frame_loss)
             zc = z[..., y0:y1, x0:x1]
-            sel = None
-            if not video_layout and 0 < self.frames_per_iteration < n_latent_frames:
+            if video_layout:
+                frames, per_video = self._frames(decoder, zc * latent_scale + latent_shift)
+                return frame_loss(frames, torch.arange(frames.shape[0]) % per_video)
+            idx = torch.arange(n_latent_frames)
+            if 0 < self.frames_per_iteration < n_latent_frames:
                 k = self.frames_per_iteration
                 stride = n_latent_frames / k
-                sel = torch.tensor([int((j + (it % 2) * 0.5) * stride) % n_latent_frames for j in range(k)], device=z.device)
-                zc = zc[sel]
-            frames, per_video = self._frames(decoder, zc * latent_scale + latent_shift)
-            idx = torch.arange(frames.shape[0]) % per_video if sel is None else sel.cpu()
-            return frame_loss(frames, idx)
+                idx = torch.tensor([int((j + (it % 2) * 0.5) * stride) % n_latent_frames for j in range(k)])
+            # Frames on the batch axis (SVD): the temporal decoder mixes the frames of one decode call, so decode in
+            # upstream's chunks (decode_chunk_size 4, num_frames = chunk). Low-memory: back-propagate each chunk
+            # before decoding the next (the same loss and gradient, one chunk's activations alive).
+            chunks = [idx[c:c + self.decode_chunk] for c in range(0, len(idx), self.decode_chunk)]
+            total, loss_sum = len(idx), 0.0
+            for part in chunks:
+                frames, _ = self._frames(decoder, zc[part.to(z.device)] * latent_scale + latent_shift)
+                loss = frame_loss(frames, part) * (len(part) / total)
+                if not self.framewise:
+                    loss_sum = loss_sum + loss  # one backward over every chunk, as upstream
+                    continue
+                loss.backward()
+                loss_sum += float(loss.detach())
+            return loss_sum
 
         with torch.inference_mode(False), torch.enable_grad():
             reference = self.reference.to(device).clone()  # the node made it under inference mode

@@ -43,9 +43,10 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
                              tooltip="Latent pixels decoded around the face boxes. Larger = closer to a full decode, "
                                      "more memory. 256 decodes whole frames (the upstream cost)."),
                 io.Boolean.Input("low_memory_decode", default=True,
-                                 tooltip="Wan's causal VAE: decode and back-propagate one latent frame at a time, "
-                                         "checkpointed along time (memory of one frame, same result, one extra "
-                                         "decode). Off: the whole video at once, as upstream."),
+                                 tooltip="Back-propagate the decode piece by piece: Wan's causal VAE one latent frame "
+                                         "at a time (checkpointed along time, one extra decode); SVD's temporal VAE "
+                                         "one 4-frame decode chunk (upstream's chunk size) at a time. Same result, "
+                                         "less memory. Off: everything at once, as upstream."),
                 io.Int.Input("frames_per_iteration", default=0, min=0, max=1024,
                              tooltip="For models with frames on the batch axis (SVD): frames decoded per iteration, "
                                      "rotating. 0 = all frames (upstream)."),

@@ -243,8 +243,50 @@ def test_framewise_decode_equals_whole_decode(pack, wan):
             frames, per = hook._frames(dec, z)
             l = frame_loss(frames, torch.arange(frames.shape[0]))
             l.backward()
-            loss = float(l)
+            loss = float(l.detach())
         grads.append(z.grad.flatten().clone())
         losses.append(loss)
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4), (grads[0] - grads[1]).abs().max()
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_svd_temporal_vae_is_decoded_in_upstream_chunks(pack, comfy, low_memory):
+    """SVD's real temporal VAE mixes the frames of one decode call: upstream decodes 4 at a time
+    (decode_chunk_size 4). The hook's losses and result are the plain upstream loop's with that chunking,
+    whether it back-propagates chunk by chunk (low memory) or all at once."""
+    import comfy.sd
+    from support import tiny_models
+
+    svd = tiny_models.build_tiny_svd()
+    vae = comfy.sd.VAE(sd=tiny_models.svd_vae_state_dict())
+    rec, ref = TinyRecognizer(), F.normalize(torch.randn(512), dim=0)
+    boxes = torch.tensor([[2, 4, 30, 31]])
+    hook = _hook(pack, vae, rec, ref, face_boxes=boxes, iterations=2, eta=0.3, window_margin=64, framewise=low_memory)
+    sigmas = torch.linspace(10, 0, 6)
+    denoised = torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        out = hook(_args(svd.model, denoised, float(sigmas[0]), sigmas))
+    dec, r = hook._decoder(torch.device("cpu"))
+
+    def pixels(z):
+        return ((dec.decode(z / 0.18215) + 1) / 2).clamp(0, 1)  # SVD latents: scaling factor 0.18215
+
+    def loss_of(frames):
+        crops = torch.cat([F.interpolate(f[None, :, 4:31, 2:30], size=(112, 112), mode="bilinear", align_corners=False)
+                           for f in frames])
+        return torch.stack([(1 - F.cosine_similarity(e, ref, dim=0)).abs() for e in r(crops)]).mean()
+
+    z = denoised.clone().requires_grad_(True)  # upstream: chunks of 4 frames, Adam, lr = eta * (1 - 0/5)
+    opt, losses = torch.optim.Adam([z], lr=0.3), []
+    for _ in range(2):
+        opt.zero_grad()
+        loss = loss_of(torch.cat([pixels(c) for c in z.split(4)]))
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert hook.last_losses[-1][1] == pytest.approx(losses, abs=1e-6)
+    assert torch.allclose(out, z.detach(), atol=1e-5), (out - z).abs().max()
+    with torch.no_grad():
+        whole = float(loss_of(pixels(denoised)))
+    assert abs(whole - losses[0]) > 1e-4, "the test cannot tell chunked from whole-video decoding"

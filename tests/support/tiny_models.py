@@ -63,6 +63,23 @@ def save_tiny_wan_vae(path, dim=8, seed=0):
     return path
 
 
+def svd_vae_state_dict(seed=0):
+    """SVD's VAE at its real (fixed) size with random weights: ComfyUI's VAE detects it by the temporal decoder's
+    `mix_factor` and decodes with frames on the batch axis, mixing the frames of one decode call."""
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    enc = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+               num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    with torch.device("meta"):
+        m = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": enc},
+            decoder_config={"target": "comfy.ldm.modules.temporal_ae.VideoDecoder",
+                            "params": dict(enc, video_kernel_size=[3, 1, 1], alpha=0.0)})
+    sd = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in m.state_dict().items()}
+    return fill_random_(sd, seed)
+
+
 TINY_SVD_UNET = dict(
     model_channels=32, in_channels=8, out_channels=4, num_res_blocks=[1, 1], channel_mult=[1, 2],
     use_spatial_transformer=True, transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1,
