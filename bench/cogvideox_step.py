@@ -45,18 +45,28 @@ def preset_args(description):
     ap.add_argument("--preset", default="medium", choices=sorted(PRESETS))
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: fp32 on CPU, bf16 on GPU)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="override the preset's block count (per-block ratios on a CPU: the 5b widths with a few blocks)")
+    ap.add_argument("--latent-frames", type=int, default=None, help="override the preset's latent frame count")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="cpu: this process's CPU time (a CPU run on a machine shared with other jobs)")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
     setup(cpu=not cuda)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype or ("bf16" if cuda else "fp32")]
     extra, thw, text_len = PRESETS[a.preset]
     cfg = dict(in_channels=16, out_channels=16, use_rotary_positional_embeddings=True, **extra)
+    if a.layers:
+        cfg["num_layers"] = a.layers
+    if a.latent_frames:
+        thw = (a.latent_frames,) + tuple(thw[1:])
     return a, cuda, dtype, cfg, thw, text_len
 
 
-def timed_pair(fa, fb, iters, sync):
+def timed_pair(fa, fb, iters, sync, clock=time.perf_counter):
     """Median seconds of fa and fb, measured interleaved (a, b, a, b, ...) so that load changes on a
-    shared machine hit both alike."""
+    shared machine hit both alike. clock=time.process_time (CPU runs): this process's CPU seconds, which
+    other jobs on a busy machine disturb far less than wall time."""
     for _ in range(2):
         fa()
         fb()
@@ -64,10 +74,10 @@ def timed_pair(fa, fb, iters, sync):
     ta, tb = [], []
     for _ in range(iters):
         for f, acc in ((fa, ta), (fb, tb)):
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
             sync()
-            acc.append(time.perf_counter() - t0)
+            acc.append(clock() - t0)
     return statistics.median(ta), statistics.median(tb)
 
 
@@ -106,9 +116,10 @@ def main():
         t_ours, t_direct = timed_pair(
             lambda: model.apply_model(x, sigma, c_crossattn=ctx),
             lambda: direct(hidden_states=xin, encoder_hidden_states=ctx.to(dtype), timestep=ts, image_rotary_emb=rope,
-                           return_dict=False), a.iters, sync)
+                           return_dict=False), a.iters, sync,
+            clock=time.process_time if a.clock == "cpu" else time.perf_counter)
     res = {"preset": a.preset, "device": str(dev), "dtype": str(dtype), "latent": [2, 16, t, h, w],
-           "tokens": t * (h // p) * (w // p) + text_len, "threads": torch.get_num_threads(),
+           "tokens": t * (h // p) * (w // p) + text_len, "threads": torch.get_num_threads(), "clock": a.clock,
            "ours_s": round(t_ours, 4), "direct_s": round(t_direct, 4), "ratio": round(t_ours / t_direct, 3),
            "max_rel_diff": err}
     print(json.dumps(res))

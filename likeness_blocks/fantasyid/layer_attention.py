@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class LayerAttention(nn.Module):
     """norm1 = LN(kv_dim) on ID tokens, norm2 = LN(dim) on video tokens; bias-free to_q / to_kv / to_out.
 
-    q and k are each scaled by dim_head^-1/4 and the softmax runs in float32. Called as (id_tokens, hidden_states);
+    Upstream scales q and k each by dim_head^-1/4 and takes the softmax in float32 (see forward). Called as (id_tokens, hidden_states);
     returns the update (B, N, dim) to be added to the video tokens.
     """
 
@@ -37,8 +38,9 @@ class LayerAttention(nn.Module):
         q = q.view(b, n, self.heads, -1).transpose(1, 2)
         k = k.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2)
         v = v.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2)
-        s = self.dim_head ** -0.25
-        w = (q * s) @ (k * s).transpose(-2, -1)
-        w = torch.softmax(w.float(), dim=-1).to(w.dtype)
-        out = (w @ v).transpose(1, 2).reshape(b, n, -1)
+        # Upstream scales q and k by dim_head^-1/4 each and takes the softmax in float32: the same logits as one
+        # dim_head^-1/2 scale. The fused kernel never materialises the (video tokens x ID tokens) weights and
+        # accumulates in float32, so it is as exact in fp32 and no less exact in half precision.
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.dim_head ** -0.5)
+        out = out.transpose(1, 2).reshape(b, n, -1)
         return self.to_out(out)
