@@ -41,6 +41,9 @@ README_SHOTS = {"concat_id_wan": "editor_concat_id_wan_tiny.png",
 MISSING_TITLE = "This workflow has missing nodes"  # the 1.32.x dialog title (en locale)
 
 if not Path(CHROMIUM).exists():
+    if os.environ.get("LIKENESS_REQUIRE_BROWSER") == "1":  # CI (.ci/run): the browser test must not be skipped
+        pytest.fail(f"no Chromium at {CHROMIUM} and LIKENESS_REQUIRE_BROWSER=1: run scripts/setup_browser.sh",
+                    pytrace=False)
     pytest.skip(f"no Chromium at {CHROMIUM}: run scripts/setup_browser.sh (apt-get install chromium) "
                 "or set LIKENESS_CHROMIUM", allow_module_level=True)
 
