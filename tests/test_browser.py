@@ -2,15 +2,19 @@
 against the test server's own frontend (comfyui-frontend-package 1.32.x).
 
 For every UI workflow in example_workflows/: the editor loads it with no "missing nodes" dialog and
-no node drawn as missing (red); a screenshot goes to test-artifacts/browser/. The Wan skeleton is then
-mapped to the tiny models in the editor (widgets set, text encoders replaced by the test-only
-conditioning node, as an artist would rewire it) and queued from the browser; the result is read from
-/history. A workflow naming a node type that does not exist must be reported missing.
+no node drawn as missing (red), Likeness nodes coloured per family (web/likeness.js); a screenshot goes to
+test-artifacts/browser/. Then, in the editor, the loaded graph is turned into the same workflow on tiny
+files (tests/support/example_tiny.py) by one generic function (MAP_JS: nodes replaced, widgets set and
+links made by input name, as an artist would rewire it), queued from the browser with app.queuePrompt;
+the prompt the editor POSTs must be exactly the mapped API prompt, the run must succeed and write its
+file, and the Identity Metrics node must show its summary and plot. A workflow naming a node type that
+does not exist must be reported missing.
 
 Needs /usr/bin/chromium (scripts/setup_browser.sh installs it); skipped, with that reason, without it.
 Deselect with `-m "not browser"`.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -31,9 +35,15 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(os.environ.get("LIKENESS_TEST_ARTIFACTS", REPO / "test-artifacts")) / "browser"
 UI_FILES = sorted((REPO / "example_workflows").glob("*.json"))
+# the README's screenshots (docs/images/), rewritten by the test when LIKENESS_README_SCREENSHOTS=1
+README_SHOTS = {"concat_id_wan": "editor_concat_id_wan_tiny.png",
+                "likeness_face_identity_metrics": "editor_identity_metrics_tiny.png"}
 MISSING_TITLE = "This workflow has missing nodes"  # the 1.32.x dialog title (en locale)
 
 if not Path(CHROMIUM).exists():
+    if os.environ.get("LIKENESS_REQUIRE_BROWSER") == "1":  # CI (.ci/run): the browser test must not be skipped
+        pytest.fail(f"no Chromium at {CHROMIUM} and LIKENESS_REQUIRE_BROWSER=1: run scripts/setup_browser.sh",
+                    pytrace=False)
     pytest.skip(f"no Chromium at {CHROMIUM}: run scripts/setup_browser.sh (apt-get install chromium) "
                 "or set LIKENESS_CHROMIUM", allow_module_level=True)
 
@@ -48,36 +58,78 @@ STATE_JS = """() => ({
   missing_list: Array.from(document.querySelectorAll('.comfy-missing-nodes')).map(d => d.innerText),
 })"""
 
-# The Wan skeleton on the tiny models, done in the editor: pick the tiny files in the loaders' combos,
-# shrink the video, replace CLIPLoader + the two CLIPTextEncode by LikenessTestTextConditioning.
-MAP_WAN_JS = """() => {
+# The loaded graph -> the mapped API prompt, in the editor, for any workflow: nodes the prompt lacks or whose class
+# differs are removed, the prompt's other nodes are created with the same id (where the removed one stood), widgets
+# are set and links made by input name, links the prompt does not have are cut. Notes stay.
+MAP_JS = """(prompt) => {
   const g = app.graph;
-  const byType = t => g.nodes.filter(n => n.type === t);
-  const setW = (node, name, value) => {
-    const w = node.widgets.find(w => w.name === name);
-    if (!w) throw new Error(`${node.type} has no widget ${name}`);
-    if (w.options && Array.isArray(w.options.values) && !w.options.values.includes(value))
-      throw new Error(`${value} is not offered by ${node.type}.${name}: ${w.options.values}`);
-    w.value = value;
-  };
-  setW(byType('UNETLoader')[0], 'unet_name', 'tiny_wan_t2v.safetensors');
-  setW(byType('VAELoader')[0], 'vae_name', 'tiny_wan_vae.safetensors');
-  const latent = byType('EmptyHunyuanLatentVideo')[0];
-  setW(latent, 'width', 64); setW(latent, 'height', 64); setW(latent, 'length', 5);
-  const ks = byType('KSampler')[0];
-  setW(ks, 'steps', 2); setW(ks, 'sampler_name', 'euler');
-  ['positive', 'negative'].forEach((name, i) => {
-    const slot = ks.inputs.findIndex(inp => inp.name === name);
-    const cond = LiteGraph.createNode('LikenessTestTextConditioning');
-    cond.pos = [ks.pos[0] - 360, ks.pos[1] + 140 * i];
-    g.add(cond);
-    setW(cond, 'seed', i + 1); setW(cond, 'tokens', 8); setW(cond, 'width', 4096);
-    cond.connect(0, ks, slot);
-  });
-  [...byType('CLIPTextEncode'), ...byType('CLIPLoader')].forEach(n => g.remove(n));
+  const isLink = v => Array.isArray(v) && v.length === 2 && typeof v[0] === 'string' && Number.isInteger(v[1]);
+  const virtual = n => !!n.isVirtualNode || n.type === 'Note' || n.type === 'MarkdownNote';
+  const where = {};
+  let x = 0;
+  for (const n of [...g.nodes]) {
+    if (virtual(n)) continue;
+    const want = prompt[String(n.id)];
+    if (!want || want.class_type !== n.type) { where[n.id] = [...n.pos]; g.remove(n); }
+  }
+  const created = [];
+  for (const [id, spec] of Object.entries(prompt)) {
+    if (g.getNodeById(Number(id))) continue;
+    const node = LiteGraph.createNode(spec.class_type);
+    if (!node) throw new Error(`the editor has no node type ${spec.class_type}`);
+    node.id = Number(id);
+    node.pos = where[id] || [x -= 400, -400];
+    g.add(node);
+    if (node.id !== Number(id)) throw new Error(`node ${spec.class_type} got id ${node.id}, not ${id}`);
+    created.push(id);
+  }
+  for (const [id, spec] of Object.entries(prompt)) {
+    const node = g.getNodeById(Number(id));
+    for (const [name, value] of Object.entries(spec.inputs)) {
+      const slot = (node.inputs || []).findIndex(i => i.name === name);
+      if (isLink(value)) {
+        if (slot < 0) throw new Error(`${spec.class_type} #${id} has no input ${name}`);
+        g.getNodeById(Number(value[0])).connect(value[1], node, slot);
+      } else {
+        const w = (node.widgets || []).find(w => w.name === name);
+        if (!w) throw new Error(`${spec.class_type} #${id} has no widget ${name}`);
+        if (slot >= 0 && node.inputs[slot].link != null) node.disconnectInput(slot);
+        w.value = value;
+      }
+    }
+    (node.inputs || []).forEach((inp, slot) => {
+      if (inp.link != null && !isLink(spec.inputs[inp.name])) node.disconnectInput(slot);
+    });
+  }
   g.setDirtyCanvas(true, true);
-  return g.nodes.map(n => n.type);
+  return created;
 }"""
+
+# the view: the whole graph in the window
+FIT_JS = """async () => {
+  try { await app.extensionManager.command.execute('Comfy.Canvas.FitView'); }
+  catch (e) { app.canvas.ds.reset(); }
+  app.graph.setDirtyCanvas(true, true);
+}"""
+
+# the node state web/likeness.js adds to: family colours, the Identity Metrics summary and plot
+NODE_UI_JS = """() => app.graph.nodes.map(n => ({
+  id: n.id, type: n.type, category: (LiteGraph.registered_node_types[n.type] || {}).category || '',
+  color: n.color || null, bgcolor: n.bgcolor || null, summary: n.likenessSummary || null,
+  summary_widget: ((n.widgets || []).find(w => w.name === 'likeness_summary') || {}).value || null,
+  images: ((app.nodeOutputs || {})[String(n.id)] || {}).images || null,
+  imgs: (n.imgs || []).filter(i => i.complete && i.naturalWidth > 0).length,
+}))"""
+
+
+def save_readme_screenshot(src, name):
+    """A palette PNG (256 colours) of the editor's screenshot, small enough to commit."""
+    from PIL import Image
+
+    out = REPO / "docs" / "images" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.open(src).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
+    assert out.stat().st_size < 2_000_000
 
 
 def _set_setting(server, key, value):
@@ -92,6 +144,7 @@ def browser(server):
     _set_setting(server, "Comfy.TutorialCompleted", True)
     # Draw node titles and widgets at any zoom, so the screenshots of big graphs are readable.
     _set_setting(server, "LiteGraph.Canvas.MinFontSizeForLOD", 0)
+    _set_setting(server, "Comfy.Minimap.Visible", False)  # it would cover part of the graph in the screenshots
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         # Playwright gives the browser a fresh temporary user-data-dir (profile) of its own.
@@ -107,6 +160,7 @@ def editor(browser, server):
     """The editor in a fresh browser context (no workflow restored from an earlier test's local
     storage), with every node type of the server registered."""
     ctx = browser.new_context(viewport={"width": 1920, "height": 1200})
+    ctx.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")  # the "Nodes 2.0" banner
     page = ctx.new_page()
     page.errors = []
     page.on("pageerror", lambda e: page.errors.append(str(e)))
@@ -154,12 +208,41 @@ def test_unknown_node_type_is_reported_missing(editor):
     assert bad[0]["has_errors"], "the missing node is not flagged (drawn red)"
 
 
-def test_wan_skeleton_queued_from_the_editor_runs_on_tiny_models(editor, server):
-    wf = json.loads((REPO / "example_workflows" / "wan21_t2v_skeleton.json").read_text())
+def test_likeness_nodes_are_coloured_per_family(editor):
+    """web/likeness.js: every Likeness node of a family has its family's colour, families differ, core nodes keep
+    the default."""
+    families = {}
+    for path in UI_FILES:
+        load(editor, json.loads(path.read_text()), settle=0.3)
+        for n in editor.evaluate(NODE_UI_JS):
+            if n["category"].startswith("Likeness/"):
+                assert n["color"] and n["bgcolor"], f"{path.stem}: {n['type']} is not coloured"
+                families.setdefault(n["category"], set()).add((n["color"], n["bgcolor"]))
+            elif n["type"] in ("KSampler", "VAEDecode", "LoadImage"):
+                assert n["bgcolor"] is None, f"{path.stem}: core node {n['type']} coloured {n['bgcolor']}"
+    assert all(len(c) == 1 for c in families.values()), families
+    assert len({next(iter(c)) for c in families.values()}) == len(families) >= 5, families
+
+
+def strip_meta(prompt):
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=[p.stem for p in UI_FILES])
+def test_example_workflow_queued_from_the_editor_runs_on_tiny_files(editor, server, path):
+    from support.example_tiny import check_output, tiny_example
+    from test_example_workflows import NEEDS, check_specific
+
+    stem = path.stem
+    if stem in NEEDS and any(importlib.util.find_spec(m) is None for m in NEEDS[stem]):
+        pytest.skip(f"{stem} needs {NEEDS[stem]}")
+    ex = tiny_example(server, stem, prefix="browser")  # not a pure cache hit of the API test's run
+    wf = json.loads(path.read_text())
     state = load(editor, wf, settle=0.5)
     assert all(n["registered"] for n in state["nodes"])
-    types = editor.evaluate(MAP_WAN_JS)
-    assert types.count("LikenessTestTextConditioning") == 2 and "CLIPLoader" not in types
+    editor.evaluate(MAP_JS, ex.prompt)
+    notes = [n["id"] for n in wf["nodes"] if n["type"] == "Note"]
+    assert [n["id"] for n in editor.evaluate(STATE_JS)["nodes"] if n["type"] == "Note"] == notes
     with editor.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST",
                                 timeout=60_000) as resp_info:
         editor.evaluate("async () => { await app.queuePrompt(0, 1); }")
@@ -167,8 +250,7 @@ def test_wan_skeleton_queued_from_the_editor_runs_on_tiny_models(editor, server)
     answer = resp.json()
     assert resp.status == 200, f"the server refused the editor's prompt: {answer}"
     sent = json.loads(resp.request.post_data)["prompt"]
-    assert sent["1"]["inputs"]["unet_name"] == "tiny_wan_t2v.safetensors"
-    assert sorted(v["class_type"] for v in sent.values()).count("LikenessTestTextConditioning") == 2
+    assert strip_meta(sent) == strip_meta(ex.prompt), "the editor queued another graph than the mapped prompt"
     pid = answer["prompt_id"]
     deadline, hist = time.time() + 300, None
     while time.time() < deadline:
@@ -178,9 +260,22 @@ def test_wan_skeleton_queued_from_the_editor_runs_on_tiny_models(editor, server)
         time.sleep(0.5)
     assert hist, f"prompt {pid} queued from the editor did not finish in 300 s"
     assert hist["status"]["status_str"] == "success", json.dumps(hist["status"])[:3000]
-    files = server.output_files(hist, "10")
-    assert files and files[0][0].endswith(".webp"), hist["outputs"]
-    assert server.view(*files[0])[:4] == b"RIFF"
-    editor.wait_for_timeout(1000)  # the editor shows the finished run
-    editor.screenshot(path=str(ARTIFACTS / "wan21_t2v_skeleton_queued_tiny.png"))
+    filename, subfolder, _ = check_output(server, ex, hist)
+    if ex.frames is not None or ex.prompt[ex.output]["class_type"] == "SaveImage":
+        assert subfolder == "browser", (filename, subfolder)
+    check_specific(server, stem, hist)
+    editor.wait_for_timeout(1500)  # the editor shows the finished run (previews, the metrics summary)
+    nodes = {n["id"]: n for n in editor.evaluate(NODE_UI_JS)}
+    if stem == "likeness_face_identity_metrics":
+        metrics = next(n for n in nodes.values() if n["type"] == "LikenessIdentityMetrics")
+        text = hist["outputs"][str(metrics["id"])]["text"][0]
+        assert metrics["summary"] == text.replace(", ", "\n"), metrics
+        assert metrics["summary_widget"] == metrics["summary"], metrics
+        assert metrics["summary"].startswith("similarity to reference 1.0000"), metrics
+        assert metrics["images"] and metrics["imgs"] == 1, f"the metrics plot is not shown on the node: {metrics}"
+    editor.evaluate(FIT_JS)
+    editor.wait_for_timeout(500)
+    editor.screenshot(path=str(ARTIFACTS / f"{stem}_queued_tiny.png"))
+    if stem in README_SHOTS and os.environ.get("LIKENESS_README_SCREENSHOTS"):
+        save_readme_screenshot(ARTIFACTS / f"{stem}_queued_tiny.png", README_SHOTS[stem])
     assert not editor.errors, f"page errors while queueing: {editor.errors}"

@@ -3,55 +3,21 @@ tiny EVA02-CLIP, synthetic transform.pkl over the synthetic FLAME mesh, tiny DEC
 -> video. Strength 0 equals the plain model; a FLAME shape edit changes the ID tokens and the output."""
 
 import json
-import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from _fantasyid_synth import eva_clip_state_dict, face_module_state_dict, tiny_eva, transform_dict
-from test_flame_server import DECA_NAME, FLAME_NAME, geometry_files  # noqa: F401 (fixture)
+from support import example_tiny
+from support.example_tiny import COG, DECA_NAME, EVA, FLAME_NAME, TRANSFORM
 
 pytestmark = pytest.mark.server
 pytest.importorskip("diffusers")
 
-TINY_I2V = dict(num_attention_heads=2, attention_head_dim=16, in_channels=32, out_channels=16, time_embed_dim=32,
-                text_embed_dim=64, num_layers=2, sample_width=16, sample_height=12, sample_frames=9, patch_size=2,
-                max_text_seq_length=8, use_rotary_positional_embeddings=True)
-COG = "tiny_fantasyid_i2v"
-EVA = "tiny_eva02_clip.pt"
-TRANSFORM = "tiny_transform.pkl"
-
 
 @pytest.fixture(scope="module")
-def fid_files(server, geometry_files):  # noqa: F811
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
-    from safetensors.torch import load_file, save_file
-
-    arrays = geometry_files[0]
-    m = server.models_dir
-    d = m / "diffusion_models" / COG / "transformer"
-    torch.manual_seed(21)
-    tr = CogVideoXTransformer3DModel(**TINY_I2V).eval()
-    with torch.no_grad():
-        for p in tr.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    tr.save_pretrained(d)
-    f = d / "diffusion_pytorch_model.safetensors"
-    face = face_module_state_dict(inner_dim=32, n_layers=2, seed=3)
-    save_file({**load_file(str(f)), **face}, str(f))  # FantasyID keeps its face modules in the transformer file
-    cfg = json.loads((d / "config.json").read_text())
-    cfg.update(cross_attn_interval=1, face_dim=64)
-    (d / "config.json").write_text(json.dumps(cfg))
-    if not (m / "vae" / "tiny_fid_vae" / "config.json").exists():
-        torch.manual_seed(22)
-        AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-                               latent_channels=16, scaling_factor=0.7).eval().save_pretrained(m / "vae" / "tiny_fid_vae")
-    fd = m / "fantasyid"
-    fd.mkdir(exist_ok=True)
-    (fd / TRANSFORM).write_bytes(pickle.dumps(transform_dict(arrays["v_template"], arrays["f"].astype(np.int64))))
-    torch.save(eva_clip_state_dict(tiny_eva(5)), fd / EVA)
-    return face
+def fid_files(server):
+    return example_tiny.fantasyid_files(server)  # the FantasyID face-module state dict
 
 
 def _prompt(prefix, strength=1.0, face_width=0.0, seed=1):
@@ -164,34 +130,3 @@ def test_fantasyid_bad_inputs_fail_clearly(server, fid_files):
     p["30"] = {"class_type": "LikenessTestTinySVD", "inputs": {"seed": 0}}
     with pytest.raises(PromptFailed, match="CogVideoX MODEL"):
         server.run(p, timeout=300)
-
-
-def test_example_workflow_runs_on_tiny_files(server, fid_files):
-    """example_workflows/api/fantasyid_cogvideox_i2v.json with tiny files (tiny InsightFace pack, DECA, FLAME,
-    CogVideoX + FantasyID, EVA02); only the T5 text encoder is swapped for the test conditioning node."""
-    from PIL import Image
-
-    from support import tiny_faces
-    from support.paths import REPO
-
-    tiny_faces.make_tiny_pack(server.models_dir, "tiny", seed=1)
-    Image.fromarray(tiny_faces.squares_image((640, 640), [(384, 96, 32)])).save(server.input_dir / "fid_square.png")
-    p = json.loads((REPO / "example_workflows" / "api" / "fantasyid_cogvideox_i2v.json").read_text())
-    p["1"]["inputs"]["image"] = "fid_square.png"
-    p["2"]["inputs"]["model_name"] = "tiny"
-    p["4"]["inputs"].update(deca_model=DECA_NAME, flame_model=FLAME_NAME)
-    p["6"]["inputs"]["jaw_sharpness"] = 1.0
-    p["10"]["inputs"].update(model_name=f"{COG}/", weight_dtype="fp32")
-    p["11"]["inputs"].update(transform=TRANSFORM, dtype="fp32")
-    p["12"]["inputs"]["eva_clip"] = EVA
-    p.pop("20")
-    p["21"] = {"class_type": "LikenessTestTextConditioning", "inputs": {"seed": 1, "tokens": 8, "width": 64}}
-    p["22"] = {"class_type": "LikenessTestTextConditioning", "inputs": {"seed": 2, "tokens": 8, "width": 64}}
-    p["23"]["inputs"].update(vae_name="tiny_fid_vae/", diffusers_tiling=False)
-    p["24"]["inputs"].update(width=64, height=48, length=5)
-    p["25"]["inputs"]["steps"] = 2
-    p["28"]["inputs"].update(width=64, height=64)
-    hist = server.run(p, timeout=300)
-    files = server.output_files(hist, "27")
-    assert len(files) == 1
-    assert Image.open(__import__("io").BytesIO(server.view(*files[0]))).n_frames == 5

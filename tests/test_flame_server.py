@@ -8,26 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from _flame_synth import save_synthetic_deca_tar, save_synthetic_flame_pkl
+from support import example_tiny
+from support.example_tiny import DECA_NAME, FLAME_NAME
 
 pytestmark = pytest.mark.server
-
-FLAME_NAME = "tiny_flame.pkl"
-DECA_NAME = "tiny_deca_model.tar"
 
 
 @pytest.fixture(scope="module")
 def geometry_files(server):
-    (server.models_dir / "flame").mkdir(parents=True, exist_ok=True)
-    (server.models_dir / "deca").mkdir(parents=True, exist_ok=True)
-    arrays = save_synthetic_flame_pkl(server.models_dir / "flame" / FLAME_NAME)  # 5023 vertices, 9720 faces
-    sd = save_synthetic_deca_tar(server.models_dir / "deca" / DECA_NAME, blocks=(1, 1, 1, 1), base_width=8, hidden=64)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:96, 0:80]
-    img = np.stack([xx * 3, yy * 2, (xx + yy)], -1) % 256 + rng.integers(0, 20, (96, 80, 3))
-    img = np.clip(img, 0, 255).astype(np.uint8)
-    Image.fromarray(img).save(server.input_dir / "flame_face.png")
-    return arrays, sd, img
+    return example_tiny.geometry_files(server)  # (FLAME arrays, DECA state dict, input/flame_face.png array)
 
 
 def _prompt(prefix, **edit):
@@ -174,18 +163,3 @@ def test_convert_flame_node_and_load_converted(server, geometry_files):
     p["2"]["inputs"]["flame_model"] = "tiny_flame.safetensors"
     got = _ply(server, server.run(p), "9")
     np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
-
-
-def test_geometry_example_runs_on_tiny_files(server, geometry_files):
-    import json
-
-    from support.paths import REPO
-
-    prompt = json.loads((REPO / "example_workflows" / "api" / "fantasyid_face_geometry.json").read_text())
-    prompt["1"]["inputs"]["image"] = "flame_face.png"
-    prompt["2"]["inputs"].update(deca_model=DECA_NAME, flame_model=FLAME_NAME)
-    for node in ("5", "7"):
-        prompt[node]["inputs"].update(width=96, height=96)
-    hist = server.run(prompt, timeout=120)
-    assert len(server.output_files(hist, "6")) == 1 and len(server.output_files(hist, "8")) == 1
-    assert _ply(server, hist, "9").shape == (5023, 3)

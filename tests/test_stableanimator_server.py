@@ -11,10 +11,9 @@ FRAMES = 3
 @pytest.fixture(scope="module")
 def sa_files(server):
     pytest.importorskip("diffusers")
-    from support.tiny_stableanimator import save_tiny_stableanimator
+    from support.example_tiny import stableanimator_files
 
-    save_tiny_stableanimator(server.models_dir / "stableanimator" / "tiny_sa")
-    return "tiny_sa/"
+    return stableanimator_files(server)
 
 
 def _prompt(files, id_strength=1.0, pose_strength=1.0, pose_color=0xFFFFFF, pose_frames=FRAMES, adapters=True,
@@ -106,29 +105,3 @@ def test_long_video_tiles_through_the_server(server, sa_files):
     hist = server.run(_prompt(sa_files, frames=5, pose_frames=5, tiles=(3, 1), prefix="sa_tiles"))
     out = _latent(server, hist)
     assert out.shape == (5, 4, 8, 8) and torch.isfinite(out).all()
-
-
-def test_example_workflow_runs_on_tiny_stand_ins(server, sa_files):
-    """example_workflows/api/stableanimator_svd_pose_identity.json with its real-model loaders swapped for the
-    tiny stand-ins (tiny SVD, random face/CLIP embeddings, flat pose frames); the StableAnimator part is as shipped."""
-    import json
-
-    from support.paths import REPO
-
-    p = json.loads((REPO / "example_workflows" / "api" / "stableanimator_svd_pose_identity.json").read_text())
-    p["1"] = {"class_type": "LikenessTestTinySVD", "inputs": {"seed": 0}}
-    for k in ("unet", "face_encoder", "pose_net"):
-        p["2"]["inputs"][k] = sa_files + p["2"]["inputs"][k]
-    p["3"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 8421504}}
-    p.pop("4")
-    p["5"] = {"class_type": "LikenessTestFaceEmbeds", "inputs": {"seed": 0, "faces": 1}}
-    p["6"] = {"class_type": "LikenessTestClipVisionOutput", "inputs": {"seed": 0}}
-    p.pop("9")
-    p["10"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 5, "color": 0xFFFFFF}}
-    p["12"]["inputs"].update(tile_size=3, tile_overlap=1)
-    p["14"] = {"class_type": "LikenessTestSVDConditioning", "inputs": {
-        "vae": ["1", 1], "init_image": ["3", 0], "width": 64, "height": 64, "video_frames": 5, "seed": 0}}
-    p["15"]["inputs"]["steps"] = 1
-    p["16"]["inputs"]["vae"] = ["1", 1]
-    hist = server.run(p)
-    assert server.output_files(hist, "17")
