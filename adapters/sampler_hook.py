@@ -24,6 +24,32 @@ def _fresh_module(module, device):
         return m.eval()
 
 
+def _checkpoint_resnet_blocks(module):
+    """Gradient checkpointing on the SD-family VAE's resnet blocks (SVD's temporal VideoResBlock included) of our
+    private decoder copy, as upstream turns on for HJB: each block keeps only its input for the backward pass and
+    recomputes the rest, the same result in a fraction of the memory. Blocks with caches (Wan's causal VAE) are other
+    classes and stay as they are."""
+    try:
+        from comfy.ldm.modules.diffusionmodules.model import ResnetBlock
+    except ImportError:
+        return 0
+    from torch.utils.checkpoint import checkpoint
+
+    n = 0
+    for m in module.modules():
+        if isinstance(m, ResnetBlock):
+            inner = m.forward
+
+            def forward(*args, _inner=inner, **kwargs):
+                if torch.is_grad_enabled():
+                    return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+                return _inner(*args, **kwargs)
+
+            m.forward = forward
+            n += 1
+    return n
+
+
 class HJBFaceGuidance:
     """Callable stored in model_options['sampler_post_cfg_function']."""
 
@@ -72,8 +98,10 @@ class HJBFaceGuidance:
     # --- how ----------------------------------------------------------------------------
     def _decoder(self, device):
         if self._modules is None or self._modules[0] != device:
-            self._modules = (device, _fresh_module(self.vae.first_stage_model, device),
-                             _fresh_module(self.recognizer, device))
+            decoder = _fresh_module(self.vae.first_stage_model, device)
+            if self.framewise:
+                _checkpoint_resnet_blocks(decoder)
+            self._modules = (device, decoder, _fresh_module(self.recognizer, device))
         return self._modules[1], self._modules[2]
 
     @staticmethod

@@ -254,7 +254,7 @@ def test_framewise_decode_equals_whole_decode(pack, wan):
 def test_svd_temporal_vae_is_decoded_in_upstream_chunks(pack, comfy, low_memory):
     """SVD's real temporal VAE mixes the frames of one decode call: upstream decodes 4 at a time
     (decode_chunk_size 4). The hook's losses and result are the plain upstream loop's with that chunking,
-    whether it back-propagates chunk by chunk (low memory) or all at once."""
+    whether it back-propagates chunk by chunk with checkpointed resnet blocks (low memory) or all at once."""
     import comfy.sd
     from support import tiny_models
 
@@ -268,6 +268,10 @@ def test_svd_temporal_vae_is_decoded_in_upstream_chunks(pack, comfy, low_memory)
     with torch.inference_mode():
         out = hook(_args(svd.model, denoised, float(sigmas[0]), sigmas))
     dec, r = hook._decoder(torch.device("cpu"))
+    from comfy.ldm.modules.diffusionmodules.model import ResnetBlock
+
+    blocks = [m for m in dec.modules() if isinstance(m, ResnetBlock)]
+    assert blocks and all(("forward" in vars(m)) == low_memory for m in blocks), "low memory = checkpointed blocks"
 
     def pixels(z):
         return ((dec.decode(z / 0.18215) + 1) / 2).clamp(0, 1)  # SVD latents: scaling factor 0.18215
