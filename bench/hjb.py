@@ -3,17 +3,22 @@ around the face, frame subsets), and with a plain implementation of the upstream
 decode of every frame at each iteration), on the same models, as ratios in one run.
 
 Each configuration runs in its own process so peak memory is its own (CUDA: max allocated;
-CPU: peak RSS). Models are random-weight but real-size where it matters for the cost:
+CPU: peak resident memory while sampling, weights included). Models are loaded before the clock starts. Models are random-weight but real-size where it matters for the cost:
 the real Wan 2.1 VAE (dim 96) and iresnet100 (glintr100's architecture); the DiT has Wan 1.3B
 block shapes with --blocks of its 30 blocks.
 
     .venv/bin/python bench/hjb.py                      # CPU: 240x416, 9 frames (minutes)
     .venv/bin/python bench/hjb.py --device cuda --width 832 --height 480 --frames 33 --blocks 30
+    .venv/bin/python bench/hjb.py --model svd --width 1024 --height 576 --frames 4 --face 256 --iterations 3 \
+        --modes off,ours                            # SVD-xt sizes; a 4-frame decode chunk on a CPU
+    .venv/bin/python bench/hjb.py --device cuda --model svd --width 1024 --height 576 --frames 16 --face 256 \
+        --iterations 3 --steps 25                  # the SVD-xt run of the issue (GPU)
+
+With --steps N every step is active (end_percent 1); upstream's default refines the first 21 of 25.
 """
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -51,8 +56,10 @@ def plain_upstream_hook(vae, recognizer, reference, box, iterations, eta):
             scale = model.process_latent_out(probe + 1).clone() - shift
             for _ in range(iterations):
                 opt.zero_grad()
-                video = vae.process_output(dec.decode(z * scale + shift))  # [B, 3, T, H, W]
-                frames = video[0].permute(1, 0, 2, 3)
+                if z.ndim == 5:  # Wan [B, C, T, h, w] -> [B, 3, T, H, W]
+                    frames = vae.process_output(dec.decode(z * scale + shift))[0].permute(1, 0, 2, 3)
+                else:  # SVD: frames on the batch axis, decoded in upstream's chunks of 4 (decode_chunk_size)
+                    frames = torch.cat([vae.process_output(dec.decode(c * scale + shift)) for c in z.split(4)])
                 x1, y1, x2, y2 = box
                 crops = F.interpolate(frames[:, :, y1:y2, x1:x2], size=(112, 112), mode="bilinear", align_corners=False)
                 e = rec(crops)
@@ -76,38 +83,86 @@ def run_one(cfg):
     from likeness_pack.likeness_blocks.arcface import ArcFaceTorch, IResNet
 
     torch.manual_seed(0)
-    model = comfy.sd.load_diffusion_model_state_dict(
-        tiny_models.tiny_wan_t2v_state_dict(dim=1536, layers=cfg["blocks"], ffn_dim=8960))
-    vae = comfy.sd.VAE(sd=tiny_models.tiny_wan_vae_state_dict(dim=96))
+    w, h, frames = cfg["width"], cfg["height"], cfg["frames"]
+    if cfg["model"] == "svd":
+        model = tiny_models.build_tiny_svd(unet_config=tiny_models.SVD_XT_UNET, num_head_channels=64)
+        vae = comfy.sd.VAE(sd=tiny_models.svd_vae_state_dict())
+    else:
+        model = comfy.sd.load_diffusion_model_state_dict(
+            tiny_models.tiny_wan_t2v_state_dict(dim=1536, layers=cfg["blocks"], ffn_dim=8960))
+        vae = comfy.sd.VAE(sd=tiny_models.tiny_wan_vae_state_dict(dim=96))
     rec = ArcFaceTorch(IResNet()).eval()
     ref = F.normalize(torch.randn(512), dim=0)
-    w, h, frames = cfg["width"], cfg["height"], cfg["frames"]
-    box = [w // 2 - 48, h // 2 - 56, w // 2 + 48, h // 2 + 56]  # a 96x112 face
+    fs = cfg["face"]
+    box = [w // 2 - fs // 2, h // 2 - fs // 2, w // 2 + fs // 2, h // 2 + fs // 2]
     if cfg["mode"] == "ours":
         model = apply_hjb(model, HJBFaceGuidance(vae, rec, ref, torch.tensor([box]), iterations=cfg["iterations"],
                                                  eta=0.1, end_percent=1.0, window_margin=cfg["margin"], progress=False))
     elif cfg["mode"] == "upstream":
         model = model.clone()
         model.set_model_sampler_post_cfg_function(plain_upstream_hook(vae, rec, ref, box, cfg["iterations"], 0.1))
-    cond = [[torch.randn(1, 16, 4096), {}]]
-    unc = [[torch.randn(1, 16, 4096), {}]]
-    latent = {"samples": torch.zeros(1, 16, (frames - 1) // 4 + 1, h // 8, w // 8)}
+    if cfg["model"] == "svd":  # SVD_img2vid conditioning: CLIP image embedding, init-image latent, micro-conditioning
+        extra = {"motion_bucket_id": 127, "fps": 6, "augmentation_level": 0.0}
+        cond = [[torch.randn(1, 1, 1024), {**extra, "concat_latent_image": torch.randn(1, 4, h // 8, w // 8)}]]
+        unc = [[torch.zeros(1, 1, 1024), {**extra, "concat_latent_image": torch.zeros(1, 4, h // 8, w // 8)}]]
+        latent = {"samples": torch.zeros(frames, 4, h // 8, w // 8)}
+    else:
+        cond = [[torch.randn(1, 16, 4096), {}]]
+        unc = [[torch.randn(1, 16, 4096), {}]]
+        latent = {"samples": torch.zeros(1, 16, (frames - 1) // 4 + 1, h // 8, w // 8)}
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])  # weights in place before the clock starts
     if cfg["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    rss = RssPeak()  # CPU: the process's resident memory while sampling (building the models peaks higher)
     t = time.perf_counter()
-    with torch.inference_mode():
-        comfy_nodes.common_ksampler(model, 0, cfg["steps"], 5.0, "euler", "simple", cond, unc, latent)
+    with torch.inference_mode(), rss:
+        comfy_nodes.common_ksampler(model, 0, cfg["steps"], 2.5 if cfg["model"] == "svd" else 5.0, "euler",
+                                    "karras" if cfg["model"] == "svd" else "simple", cond, unc, latent)
     if cfg["device"] == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        peak = rss.peak / 2**30
     return {"mode": cfg["mode"], "seconds": time.perf_counter() - t, "peak_gib": peak}
 
+
+class RssPeak:
+    """Peak resident set size (bytes) between enter and exit, polled every 10 ms from /proc/self/statm."""
+
+    def __enter__(self):
+        import os
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = self._now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _now(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _poll(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._now())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._now())
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--model", default="wan", choices=["wan", "svd"],
+                    help="wan: Wan 1.3B blocks + the real Wan VAE; svd: SVD-xt's UNet and VAE at their real sizes")
+    ap.add_argument("--face", type=int, default=112, help="face box side in output pixels")
+    ap.add_argument("--modes", default="off,ours,upstream",
+                    help="which runs (upstream decodes every frame in full: it needs the most memory)")
     ap.add_argument("--width", type=int, default=416)
     ap.add_argument("--height", type=int, default=240)
     ap.add_argument("--frames", type=int, default=9)
@@ -120,9 +175,10 @@ def main():
     if a.one:
         print("RESULT " + json.dumps(run_one(json.loads(a.one))), flush=True)
         return
-    base = {k: getattr(a, k) for k in ("device", "width", "height", "frames", "blocks", "steps", "iterations", "margin")}
+    base = {k: getattr(a, k) for k in ("device", "model", "face", "width", "height", "frames", "blocks", "steps",
+                                       "iterations", "margin")}
     results = {}
-    for mode in ("off", "ours", "upstream"):
+    for mode in a.modes.split(","):
         out = subprocess.run([sys.executable, __file__, "--one", json.dumps({**base, "mode": mode})],
                              capture_output=True, text=True)
         line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
@@ -131,13 +187,16 @@ def main():
             raise SystemExit(f"{mode} run failed")
         results[mode] = json.loads(line[0][7:])
         print(f"{mode:9s} {results[mode]['seconds']:8.1f} s   peak {results[mode]['peak_gib']:6.2f} GiB", flush=True)
-    off, ours, up = results["off"], results["ours"], results["upstream"]
     print(f"\nsettings: {base}")
-    print(f"time   HJB-on/HJB-off: ours {ours['seconds'] / off['seconds']:.2f}x, upstream {up['seconds'] / off['seconds']:.2f}x; "
-          f"ours/upstream {ours['seconds'] / up['seconds']:.2f}")
-    print(f"memory HJB-on/HJB-off: ours {ours['peak_gib'] / off['peak_gib']:.2f}x, upstream {up['peak_gib'] / off['peak_gib']:.2f}x; "
-          f"ours/upstream {ours['peak_gib'] / up['peak_gib']:.2f}")
-
+    off = results["off"]
+    for mode in ("ours", "upstream"):
+        if mode in results:
+            r = results[mode]
+            print(f"{mode:9s} HJB-on/HJB-off: time {r['seconds'] / off['seconds']:.2f}x, peak memory "
+                  f"{r['peak_gib'] / off['peak_gib']:.2f}x")
+    if "ours" in results and "upstream" in results:
+        ours, up = results["ours"], results["upstream"]
+        print(f"ours/upstream: time {ours['seconds'] / up['seconds']:.2f}, peak memory {ours['peak_gib'] / up['peak_gib']:.2f}")
 
 if __name__ == "__main__":
     main()

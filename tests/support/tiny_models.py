@@ -90,7 +90,13 @@ TINY_SVD_UNET = dict(
 )
 
 
-def build_tiny_svd(seed=0, state_dict=None):
+# SVD(-xt)'s UNet as ComfyUI detects it from the released file (1.5 B parameters); for benchmarks
+SVD_XT_UNET = dict(TINY_SVD_UNET, model_channels=320, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+                   transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+                   transformer_depth_middle=1, image_size=32)
+
+
+def build_tiny_svd(seed=0, state_dict=None, unet_config=None, num_head_channels=16):
     """A tiny native SVD MODEL (real model_base.SVD_img2vid, real SpatialVideoTransformer).
     ComfyUI's detection only matches the full-size SVD config, so it is built directly."""
     import comfy.model_management
@@ -99,9 +105,9 @@ def build_tiny_svd(seed=0, state_dict=None):
 
     class TinySVD(comfy.supported_models.SVD_img2vid):
         unet_config = {}
-        unet_extra_config = {"num_heads": -1, "num_head_channels": 16, "attn_precision": torch.float32}
+        unet_extra_config = {"num_heads": -1, "num_head_channels": num_head_channels, "attn_precision": torch.float32}
 
-    cfg = TinySVD(dict(TINY_SVD_UNET))
+    cfg = TinySVD(dict(unet_config or TINY_SVD_UNET))
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({}, "")
     if state_dict is None:
