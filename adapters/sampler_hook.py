@@ -1,6 +1,7 @@
 """HJB face optimisation as a post-CFG hook: works with any sampler and any base model whose
 latents a ComfyUI VAE decodes (Wan: [B, C, T, h, w]; SVD: frames on the batch axis [F, C, h, w])."""
 
+import contextlib
 import copy
 import logging
 
@@ -50,12 +51,46 @@ def _checkpoint_resnet_blocks(module):
     return n
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _has_fast_bf16(device):
+    """bf16 matrix units: CUDA from Ampere on; CPUs with AVX512-BF16 or AMX (oneDNN uses them)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+        except OSError:
+            return False
+        return " avx512_bf16" in flags or " amx_bf16" in flags
+    return False
+
+
+def decode_dtype(precision, device):
+    """The dtype the HJB decode runs in: 'auto' is bf16 where the device computes it fast, else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"HJB Face Guidance: precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if _has_fast_bf16(device) else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _channels_last_convs(module):
+    """2-D conv weights in channels-last layout: oneDNN and cuDNN run these convolutions (and above all their
+    backward) faster so, with the same arithmetic. Used on the SD-family decoder only (Conv3d weights stay)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+
+
 class HJBFaceGuidance:
     """Callable stored in model_options['sampler_post_cfg_function']."""
 
     def __init__(self, vae, recognizer, reference, face_boxes=None, iterations=3, eta=0.1, strength=1.0,
                  start_percent=0.0, end_percent=0.8, window_margin=4, frames_per_iteration=0, progress=True,
-                 detector=None, det_threshold=0.5, framewise=True, decode_chunk=4):
+                 detector=None, det_threshold=0.5, framewise=True, decode_chunk=4, precision="auto"):
         self.vae = vae
         self.recognizer = recognizer
         self.reference = reference.detach().float().reshape(-1)
@@ -64,6 +99,8 @@ class HJBFaceGuidance:
         self.det_threshold = det_threshold
         self.framewise = framewise  # back-propagate piecewise: along time (Wan), per decode chunk (SVD)
         self.decode_chunk = max(1, int(decode_chunk))  # frames per temporal-decoder call, frames-on-batch layouts
+        decode_dtype(precision, torch.device("cpu"))  # an unknown name fails here, not mid-sampling
+        self.precision = precision
         self._run_boxes = None
         self._last_step = None
         self.iterations = iterations
@@ -98,11 +135,39 @@ class HJBFaceGuidance:
     # --- how ----------------------------------------------------------------------------
     def _decoder(self, device):
         if self._modules is None or self._modules[0] != device:
-            decoder = _fresh_module(self.vae.first_stage_model, device)
-            if self.framewise:
-                _checkpoint_resnet_blocks(decoder)
-            self._modules = (device, decoder, _fresh_module(self.recognizer, device))
+            with torch.inference_mode(False):  # the executor samples under inference mode; these copies need autograd
+                # an fp32 master copy: reduced precision is autocast around the decode (see _autocast)
+                decoder = _fresh_module(self.vae.first_stage_model, device).float()
+                if self.framewise:
+                    _checkpoint_resnet_blocks(decoder)
+                self._sd_family = self._is_sd_family(decoder)
+                if self._sd_family:
+                    _channels_last_convs(decoder)
+                self._modules = (device, decoder, _fresh_module(self.recognizer, device))
         return self._modules[1], self._modules[2]
+
+    @staticmethod
+    def _is_sd_family(decoder):
+        try:
+            from comfy.ldm.modules.diffusionmodules.model import ResnetBlock
+        except ImportError:
+            return False
+        return any(isinstance(m, ResnetBlock) for m in decoder.modules())
+
+    def _autocast(self, device):
+        """The decode in reduced precision where asked ('auto': bf16 on devices with bf16 units), convolutions
+        and matmuls in bf16/fp16 with fp32 master weights; the face crops, ArcFace, the loss and Adam stay fp32.
+        How far this moves the result is measured in docs/hjb.md and bounded in tests/test_hjb.py."""
+        dtype = decode_dtype(self.precision, device)
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    def _decoder_input(self, raw):
+        raw = raw.float()
+        if raw.ndim == 4 and getattr(self, "_sd_family", False):
+            raw = raw.contiguous(memory_format=torch.channels_last)
+        return raw
 
     @staticmethod
     def _causal_video_vae(decoder):
@@ -124,7 +189,9 @@ class HJBFaceGuidance:
         total_out = 1 + 4 * (n_latent - 1)
 
         def decode_frame(t, cache):
-            return decoder.decoder(decoder.conv2(raw_of(t).to(self.vae.vae_dtype)), feat_cache=cache, feat_idx=[0])
+            raw = raw_of(t).float()
+            with self._autocast(raw.device):
+                return decoder.decoder(decoder.conv2(raw), feat_cache=cache, feat_idx=[0])
 
         entering = []
         cache = [None] * count_conv3d(decoder.decoder)
@@ -154,7 +221,9 @@ class HJBFaceGuidance:
 
     def _frames(self, decoder, raw):
         """Decoded pixels in 0..1 as (N, 3, H, W) plus how many frames per batch element."""
-        out = self.vae.process_output(decoder.decode(raw.to(self.vae.vae_dtype)).float())
+        with self._autocast(raw.device):
+            out = decoder.decode(self._decoder_input(raw))
+        out = self.vae.process_output(out.float()).contiguous()
         if out.ndim == 5:  # [B, 3, T, H, W]
             b, c, t, h, w = out.shape
             return out.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w), t
