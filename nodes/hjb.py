@@ -50,13 +50,19 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
                 io.Int.Input("frames_per_iteration", default=0, min=0, max=1024,
                              tooltip="For models with frames on the batch axis (SVD): frames decoded per iteration, "
                                      "rotating. 0 = all frames (upstream)."),
+                io.Combo.Input("precision", options=["auto", "fp32", "bf16", "fp16"], default="auto",
+                               tooltip="Precision of the decode inside the optimisation (ArcFace, loss and Adam stay "
+                                       "fp32). auto: bf16 where the device has bf16 units (NVIDIA Ampere or newer, "
+                                       "CPUs with AVX512-BF16 or AMX), else fp32. fp32: the exact computation. "
+                                       "See docs/hjb.md for how far bf16 moves the result."),
             ],
             outputs=[io.Model.Output(tooltip="The model with HJB guidance in its sampler.")],
         )
 
     @classmethod
     def execute(cls, model, vae, arcface, reference, iterations, eta, strength, start_percent, end_percent,
-                window_margin, frames_per_iteration, low_memory_decode=True, face_mask=None, insightface=None):
+                window_margin, frames_per_iteration, low_memory_decode=True, precision="auto", face_mask=None,
+                insightface=None):
         from ..adapters.sampler_hook import HJBFaceGuidance, apply_hjb
         from ..likeness_blocks.hjb import boxes_from_masks
 
@@ -73,7 +79,7 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
         hook = HJBFaceGuidance(vae, arcface, ref, boxes, iterations=iterations, eta=eta, strength=strength,
                                start_percent=start_percent, end_percent=end_percent, window_margin=window_margin,
                                frames_per_iteration=frames_per_iteration, detector=insightface,
-                               framewise=low_memory_decode)
+                               framewise=low_memory_decode, precision=precision)
         return io.NodeOutput(apply_hjb(model, hook))
 
 

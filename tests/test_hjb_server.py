@@ -30,7 +30,8 @@ def reference_nodes():
 
 def hjb_node(model, vae, strength, **kw):
     inputs = {"model": model, "vae": vae, "arcface": ["23", 0], "reference": ["22", 0], "iterations": 2, "eta": 0.2,
-              "strength": strength, "start_percent": 0.0, "end_percent": 0.8, "window_margin": 4, "frames_per_iteration": 0, "low_memory_decode": True}
+              "strength": strength, "start_percent": 0.0, "end_percent": 0.8, "window_margin": 4, "frames_per_iteration": 0, "low_memory_decode": True,
+              "precision": "auto"}
     inputs.update(kw)
     return {"class_type": "LikenessHJBFaceGuidance", "inputs": inputs}
 
