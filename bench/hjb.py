@@ -97,7 +97,8 @@ def run_one(cfg):
     box = [w // 2 - fs // 2, h // 2 - fs // 2, w // 2 + fs // 2, h // 2 + fs // 2]
     if cfg["mode"] == "ours":
         model = apply_hjb(model, HJBFaceGuidance(vae, rec, ref, torch.tensor([box]), iterations=cfg["iterations"],
-                                                 eta=0.1, end_percent=1.0, window_margin=cfg["margin"], progress=False))
+                                                 eta=0.1, end_percent=1.0, window_margin=cfg["margin"], progress=False,
+                                                 precision=cfg["precision"]))
     elif cfg["mode"] == "upstream":
         model = model.clone()
         model.set_model_sampler_post_cfg_function(plain_upstream_hook(vae, rec, ref, box, cfg["iterations"], 0.1))
@@ -170,13 +171,15 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--iterations", type=int, default=2)
     ap.add_argument("--margin", type=int, default=4)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="ours: the HJB decode's precision (auto: bf16 where the device has bf16 units)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         print("RESULT " + json.dumps(run_one(json.loads(a.one))), flush=True)
         return
     base = {k: getattr(a, k) for k in ("device", "model", "face", "width", "height", "frames", "blocks", "steps",
-                                       "iterations", "margin")}
+                                       "iterations", "margin", "precision")}
     results = {}
     for mode in a.modes.split(","):
         out = subprocess.run([sys.executable, __file__, "--one", json.dumps({**base, "mode": mode})],
