@@ -84,6 +84,8 @@ def run_one(cfg):
 
     torch.manual_seed(0)
     w, h, frames = cfg["width"], cfg["height"], cfg["frames"]
+    if cfg["mode"] == "hook":
+        return run_hook_only(cfg)
     if cfg["model"] == "svd":
         model = tiny_models.build_tiny_svd(unet_config=tiny_models.SVD_XT_UNET, num_head_channels=64)
         vae = comfy.sd.VAE(sd=tiny_models.svd_vae_state_dict())
@@ -129,6 +131,49 @@ def run_one(cfg):
     return {"mode": cfg["mode"], "seconds": time.perf_counter() - t, "peak_gib": peak}
 
 
+def run_hook_only(cfg):
+    """One HJB step on a random latent, without the denoiser: what the hook itself costs and how its peak memory
+    above the loaded models changes with the frame count (SVD: one 4-frame chunk at a time)."""
+    import comfy.sd
+    from support import tiny_models
+    from likeness_pack.adapters.sampler_hook import HJBFaceGuidance
+    from likeness_pack.likeness_blocks.arcface import ArcFaceTorch, IResNet
+
+    w, h, frames, fs = cfg["width"], cfg["height"], cfg["frames"], cfg["face"]
+    if cfg["model"] == "svd":
+        model = tiny_models.build_tiny_svd().model  # SVD's latent format only
+        vae = comfy.sd.VAE(sd=tiny_models.svd_vae_state_dict())
+        x0 = torch.randn(frames, 4, h // 8, w // 8)
+    else:
+        model = comfy.sd.load_diffusion_model_state_dict(tiny_models.tiny_wan_t2v_state_dict()).model
+        vae = comfy.sd.VAE(sd=tiny_models.tiny_wan_vae_state_dict(dim=96))
+        x0 = torch.randn(1, 16, (frames - 1) // 4 + 1, h // 8, w // 8)
+    box = [w // 2 - fs // 2, h // 2 - fs // 2, w // 2 + fs // 2, h // 2 + fs // 2]
+    hook = HJBFaceGuidance(vae, ArcFaceTorch(IResNet()).eval(), F.normalize(torch.randn(512), dim=0),
+                           torch.tensor([box]), iterations=cfg["iterations"], window_margin=cfg["margin"],
+                           progress=False, precision=cfg["precision"])
+    dev = torch.device(cfg["device"])
+    x0 = x0.to(dev)
+    hook._decoder(dev)  # the private decoder and recogniser copies, made before the clock starts
+    sigmas = torch.linspace(10, 0, 26)
+    args = {"denoised": x0, "model": model, "sigma": sigmas[:1],
+            "model_options": {"transformer_options": {"sample_sigmas": sigmas}}}
+    rss = RssPeak()
+    with rss:
+        loaded = rss.peak
+        if cfg["device"] == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            loaded = torch.cuda.memory_allocated()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            hook(args)
+        if cfg["device"] == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() if cfg["device"] == "cuda" else rss.peak
+    return {"mode": "hook", "seconds": seconds, "peak_gib": peak / 2**30, "above_loaded_gib": (peak - loaded) / 2**30}
+
+
 class RssPeak:
     """Peak resident set size (bytes) between enter and exit, polled every 10 ms from /proc/self/statm."""
 
@@ -163,7 +208,8 @@ def main():
                     help="wan: Wan 1.3B blocks + the real Wan VAE; svd: SVD-xt's UNet and VAE at their real sizes")
     ap.add_argument("--face", type=int, default=112, help="face box side in output pixels")
     ap.add_argument("--modes", default="off,ours,upstream",
-                    help="which runs (upstream decodes every frame in full: it needs the most memory)")
+                    help="which runs (upstream decodes every frame in full: it needs the most memory); 'hook': "
+                         "one HJB step alone, no denoiser (its time and its memory above the loaded models)")
     ap.add_argument("--width", type=int, default=416)
     ap.add_argument("--height", type=int, default=240)
     ap.add_argument("--frames", type=int, default=9)
@@ -181,6 +227,17 @@ def main():
     base = {k: getattr(a, k) for k in ("device", "model", "face", "width", "height", "frames", "blocks", "steps",
                                        "iterations", "margin", "precision")}
     results = {}
+    if a.modes == "hook":  # the hook alone: no 'off' run to compare with
+        out = subprocess.run([sys.executable, __file__, "--one", json.dumps({**base, "mode": "hook"})],
+                             capture_output=True, text=True)
+        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        if not line:
+            print(out.stdout[-2000:], out.stderr[-4000:])
+            raise SystemExit("hook run failed")
+        r = json.loads(line[0][7:])
+        print(f"settings: {base}\nhook alone, one step: {r['seconds']:.1f} s, peak {r['peak_gib']:.2f} GiB, "
+              f"{r['above_loaded_gib']:.2f} GiB above the loaded models")
+        return
     for mode in a.modes.split(","):
         out = subprocess.run([sys.executable, __file__, "--one", json.dumps({**base, "mode": mode})],
                              capture_output=True, text=True)
