@@ -3,6 +3,7 @@ latents a ComfyUI VAE decodes (Wan: [B, C, T, h, w]; SVD: frames on the batch ax
 
 import contextlib
 import copy
+import functools
 import logging
 
 import torch
@@ -54,6 +55,7 @@ def _checkpoint_resnet_blocks(module):
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+@functools.lru_cache(maxsize=None)  # asked at every decode; /proc/cpuinfo once
 def _has_fast_bf16(device):
     """bf16 matrix units: CUDA from Ampere on; CPUs with AVX512-BF16 or AMX (oneDNN uses them)."""
     if device.type == "cuda":
@@ -101,6 +103,7 @@ class HJBFaceGuidance:
         self.decode_chunk = max(1, int(decode_chunk))  # frames per temporal-decoder call, frames-on-batch layouts
         decode_dtype(precision, torch.device("cpu"))  # an unknown name fails here, not mid-sampling
         self.precision = precision
+        self._sd_family = False  # set with the decoder copy: SD-family decoders get channels-last inputs
         self._run_boxes = None
         self._last_step = None
         self.iterations = iterations
@@ -165,7 +168,7 @@ class HJBFaceGuidance:
 
     def _decoder_input(self, raw):
         raw = raw.float()
-        if raw.ndim == 4 and getattr(self, "_sd_family", False):
+        if raw.ndim == 4 and self._sd_family:
             raw = raw.contiguous(memory_format=torch.channels_last)
         return raw
 

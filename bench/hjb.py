@@ -227,25 +227,23 @@ def main():
     base = {k: getattr(a, k) for k in ("device", "model", "face", "width", "height", "frames", "blocks", "steps",
                                        "iterations", "margin", "precision")}
     results = {}
-    if a.modes == "hook":  # the hook alone: no 'off' run to compare with
-        out = subprocess.run([sys.executable, __file__, "--one", json.dumps({**base, "mode": "hook"})],
-                             capture_output=True, text=True)
-        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-        if not line:
-            print(out.stdout[-2000:], out.stderr[-4000:])
-            raise SystemExit("hook run failed")
-        r = json.loads(line[0][7:])
-        print(f"settings: {base}\nhook alone, one step: {r['seconds']:.1f} s, peak {r['peak_gib']:.2f} GiB, "
-              f"{r['above_loaded_gib']:.2f} GiB above the loaded models")
-        return
-    for mode in a.modes.split(","):
+
+    def run_in_own_process(mode):
         out = subprocess.run([sys.executable, __file__, "--one", json.dumps({**base, "mode": mode})],
                              capture_output=True, text=True)
         line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         if not line:
             print(out.stdout[-2000:], out.stderr[-4000:])
             raise SystemExit(f"{mode} run failed")
-        results[mode] = json.loads(line[0][7:])
+        return json.loads(line[0][7:])
+
+    if a.modes == "hook":  # the hook alone: no 'off' run to compare with
+        r = run_in_own_process("hook")
+        print(f"settings: {base}\nhook alone, one step: {r['seconds']:.1f} s, peak {r['peak_gib']:.2f} GiB, "
+              f"{r['above_loaded_gib']:.2f} GiB above the loaded models")
+        return
+    for mode in a.modes.split(","):
+        results[mode] = run_in_own_process(mode)
         print(f"{mode:9s} {results[mode]['seconds']:8.1f} s   peak {results[mode]['peak_gib']:6.2f} GiB", flush=True)
     print(f"\nsettings: {base}")
     off = results["off"]
