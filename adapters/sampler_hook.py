@@ -158,8 +158,8 @@ class HJBFaceGuidance:
         return any(isinstance(m, ResnetBlock) for m in decoder.modules())
 
     def _autocast(self, device):
-        """The decode in reduced precision where asked ('auto': bf16 on devices with bf16 units), convolutions
-        and matmuls in bf16/fp16 with fp32 master weights; the face crops, ArcFace, the loss and Adam stay fp32.
+        """The decode in reduced precision where asked ('auto': bf16 on devices with bf16 units) by autocast's
+        rules, fp32 master weights; the face crops, ArcFace, the loss and Adam stay fp32.
         How far this moves the result is measured in docs/hjb.md and bounded in tests/test_hjb.py."""
         dtype = decode_dtype(self.precision, device)
         if dtype == torch.float32:
