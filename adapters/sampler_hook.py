@@ -26,30 +26,31 @@ def _fresh_module(module, device):
         return m.eval()
 
 
-def _checkpoint_resnet_blocks(module):
-    """Gradient checkpointing on the SD-family VAE's resnet blocks (SVD's temporal VideoResBlock included) of our
-    private decoder copy, as upstream turns on for HJB: each block keeps only its input for the backward pass and
-    recomputes the rest, the same result in a fraction of the memory. Blocks with caches (Wan's causal VAE) are other
-    classes and stay as they are."""
+def _sd_resnet_blocks(module):
+    """The SD-family VAE's resnet blocks in module (SVD's temporal VideoResBlock included); none in Wan's causal VAE,
+    whose blocks are other classes."""
     try:
         from comfy.ldm.modules.diffusionmodules.model import ResnetBlock
     except ImportError:
-        return 0
+        return []
+    return [m for m in module.modules() if isinstance(m, ResnetBlock)]
+
+
+def _checkpoint_resnet_blocks(module):
+    """Gradient checkpointing on the SD-family VAE's resnet blocks of our private decoder copy, as upstream turns on
+    for HJB: each block keeps only its input for the backward pass and recomputes the rest, the same result in a
+    fraction of the memory. Blocks with caches (Wan's causal VAE) stay as they are."""
     from torch.utils.checkpoint import checkpoint
 
-    n = 0
-    for m in module.modules():
-        if isinstance(m, ResnetBlock):
-            inner = m.forward
+    for m in _sd_resnet_blocks(module):
+        inner = m.forward
 
-            def forward(*args, _inner=inner, **kwargs):
-                if torch.is_grad_enabled():
-                    return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-                return _inner(*args, **kwargs)
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
 
-            m.forward = forward
-            n += 1
-    return n
+        m.forward = forward
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -143,19 +144,11 @@ class HJBFaceGuidance:
                 decoder = _fresh_module(self.vae.first_stage_model, device).float()
                 if self.framewise:
                     _checkpoint_resnet_blocks(decoder)
-                self._sd_family = self._is_sd_family(decoder)
+                self._sd_family = bool(_sd_resnet_blocks(decoder))
                 if self._sd_family:
                     _channels_last_convs(decoder)
                 self._modules = (device, decoder, _fresh_module(self.recognizer, device))
         return self._modules[1], self._modules[2]
-
-    @staticmethod
-    def _is_sd_family(decoder):
-        try:
-            from comfy.ldm.modules.diffusionmodules.model import ResnetBlock
-        except ImportError:
-            return False
-        return any(isinstance(m, ResnetBlock) for m in decoder.modules())
 
     def _autocast(self, device):
         """The decode in reduced precision where asked ('auto': bf16 on devices with bf16 units) by autocast's

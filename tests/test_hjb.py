@@ -343,11 +343,13 @@ def test_reduced_precision_decode_stays_within_stated_tolerance(pack, comfy, bas
     assert not torch.equal(grads["fp32"], grads["bf16"]), "the test cannot tell bf16 from fp32"
 
 
-def test_precision_names(pack):
+def test_precision_names(pack, monkeypatch):
     import importlib
 
     mod = importlib.import_module("likeness_pack.adapters.sampler_hook")
-    assert mod.decode_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
+    for fast, dtype in ((True, torch.bfloat16), (False, torch.float32)):  # 'auto' follows the device's bf16 units
+        monkeypatch.setattr(mod, "_has_fast_bf16", lambda device, fast=fast: fast)
+        assert mod.decode_dtype("auto", torch.device("cpu")) == dtype
     assert mod.decode_dtype("fp32", torch.device("cpu")) == torch.float32
     assert mod.decode_dtype("fp16", torch.device("cpu")) == torch.float16
     with pytest.raises(ValueError, match="precision must be one of"):
