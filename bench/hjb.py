@@ -31,16 +31,27 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 
 
-def plain_upstream_hook(vae, recognizer, reference, box, iterations, eta):
+def plain_upstream_hook(vae, recognizer, reference, box, iterations, eta, precision="fp32", checkpoint=False):
     """StableAnimator's step as the notes describe it, written plainly: every frame decoded in full,
-    Adam on a detached fp32 x0, |1 - cos| on box crops resized to 112."""
+    Adam on a detached fp32 x0, |1 - cos| on box crops resized to 112.
+    Like for like with ours (GPU suite): precision autocasts the decode as ours does ('auto', 'bf16', ...) and
+    checkpoint turns on gradient checkpointing of the decoder's resnet blocks, as upstream's --gradient_checkpointing."""
+    import contextlib
     import copy
+
+    from likeness_pack.adapters.sampler_hook import _checkpoint_resnet_blocks, decode_dtype
 
     with torch.inference_mode(False):
         dec = copy.deepcopy(vae.first_stage_model)
         rec = copy.deepcopy(recognizer)
     for p in list(dec.parameters()) + list(rec.parameters()):
         p.requires_grad_(False)
+    if checkpoint:
+        _checkpoint_resnet_blocks(dec)
+
+    def autocast(device):
+        dtype = decode_dtype(precision, device)
+        return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
     def hook(args):
         sigmas = args["model_options"]["transformer_options"]["sample_sigmas"]
@@ -56,10 +67,12 @@ def plain_upstream_hook(vae, recognizer, reference, box, iterations, eta):
             scale = model.process_latent_out(probe + 1).clone() - shift
             for _ in range(iterations):
                 opt.zero_grad()
-                if z.ndim == 5:  # Wan [B, C, T, h, w] -> [B, 3, T, H, W]
-                    frames = vae.process_output(dec.decode(z * scale + shift))[0].permute(1, 0, 2, 3)
-                else:  # SVD: frames on the batch axis, decoded in upstream's chunks of 4 (decode_chunk_size)
-                    frames = torch.cat([vae.process_output(dec.decode(c * scale + shift)) for c in z.split(4)])
+                with autocast(z.device):
+                    if z.ndim == 5:  # Wan [B, C, T, h, w] -> [B, 3, T, H, W]
+                        frames = vae.process_output(dec.decode(z * scale + shift).float())[0].permute(1, 0, 2, 3)
+                    else:  # SVD: frames on the batch axis, decoded in upstream's chunks of 4 (decode_chunk_size)
+                        frames = torch.cat([vae.process_output(dec.decode(c * scale + shift).float())
+                                            for c in z.split(4)])
                 x1, y1, x2, y2 = box
                 crops = F.interpolate(frames[:, :, y1:y2, x1:x2], size=(112, 112), mode="bilinear", align_corners=False)
                 e = rec(crops)
@@ -86,8 +99,11 @@ def run_one(cfg):
     w, h, frames = cfg["width"], cfg["height"], cfg["frames"]
     if cfg["mode"] == "hook":
         return run_hook_only(cfg)
+    fill = cfg["device"] if cfg.get("fill_on_device") else None
     if cfg["model"] == "svd":
-        model = tiny_models.build_tiny_svd(unet_config=tiny_models.SVD_XT_UNET, num_head_channels=64)
+        unet = tiny_models.SVD_XT_UNET if cfg.get("unet", "xt") == "xt" else tiny_models.TINY_SVD_UNET
+        model = tiny_models.build_tiny_svd(unet_config=unet, num_head_channels=64 if unet is tiny_models.SVD_XT_UNET else 16,
+                                           dtype=UNET_DTYPES[cfg.get("unet_dtype", "fp32")], fill_device=fill)
         vae = comfy.sd.VAE(sd=tiny_models.svd_vae_state_dict())
     else:
         model = comfy.sd.load_diffusion_model_state_dict(
@@ -103,12 +119,11 @@ def run_one(cfg):
                                                  precision=cfg["precision"]))
     elif cfg["mode"] == "upstream":
         model = model.clone()
-        model.set_model_sampler_post_cfg_function(plain_upstream_hook(vae, rec, ref, box, cfg["iterations"], 0.1))
-    if cfg["model"] == "svd":  # SVD_img2vid conditioning: CLIP image embedding, init-image latent, micro-conditioning
-        extra = {"motion_bucket_id": 127, "fps": 6, "augmentation_level": 0.0}
-        cond = [[torch.randn(1, 1, 1024), {**extra, "concat_latent_image": torch.randn(1, 4, h // 8, w // 8)}]]
-        unc = [[torch.zeros(1, 1, 1024), {**extra, "concat_latent_image": torch.zeros(1, 4, h // 8, w // 8)}]]
-        latent = {"samples": torch.zeros(frames, 4, h // 8, w // 8)}
+        model.set_model_sampler_post_cfg_function(plain_upstream_hook(
+            vae, rec, ref, box, cfg["iterations"], 0.1, precision=cfg.get("upstream_precision", "fp32"),
+            checkpoint=cfg.get("upstream_checkpoint", False)))
+    if cfg["model"] == "svd":
+        cond, unc, latent = svd_conds(w, h, frames)
     else:
         cond = [[torch.randn(1, 16, 4096), {}]]
         unc = [[torch.randn(1, 16, 4096), {}]]
@@ -129,6 +144,18 @@ def run_one(cfg):
     else:
         peak = rss.peak / 2**30
     return {"mode": cfg["mode"], "seconds": time.perf_counter() - t, "peak_gib": peak}
+
+
+UNET_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "auto": "auto"}
+
+
+def svd_conds(w, h, frames):
+    """SVD_img2vid conditioning as the stock node makes it (CLIP image embedding, init-image latent,
+    micro-conditioning; zeros for the negative) and an empty latent with frames on the batch axis."""
+    extra = {"motion_bucket_id": 127, "fps": 6, "augmentation_level": 0.0}
+    cond = [[torch.randn(1, 1, 1024), {**extra, "concat_latent_image": torch.randn(1, 4, h // 8, w // 8)}]]
+    unc = [[torch.zeros(1, 1, 1024), {**extra, "concat_latent_image": torch.zeros(1, 4, h // 8, w // 8)}]]
+    return cond, unc, {"samples": torch.zeros(frames, 4, h // 8, w // 8)}
 
 
 def run_hook_only(cfg):
@@ -219,13 +246,20 @@ def main():
     ap.add_argument("--margin", type=int, default=4)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="ours: the HJB decode's precision (auto: bf16 where the device has bf16 units)")
+    ap.add_argument("--upstream-like-ours", action="store_true",
+                    help="upstream: decode in the same precision as ours, with gradient checkpointing of the decoder "
+                         "(upstream's --gradient_checkpointing); default: the plain fp32 loop")
+    ap.add_argument("--unet-dtype", default="fp32", choices=sorted(UNET_DTYPES),
+                    help="SVD UNet dtype (auto: what ComfyUI picks on this device, fp16 on a GPU)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         print("RESULT " + json.dumps(run_one(json.loads(a.one))), flush=True)
         return
     base = {k: getattr(a, k) for k in ("device", "model", "face", "width", "height", "frames", "blocks", "steps",
-                                       "iterations", "margin", "precision")}
+                                       "iterations", "margin", "precision", "unet_dtype")}
+    if a.upstream_like_ours:
+        base.update(upstream_precision=a.precision, upstream_checkpoint=True)
     results = {}
 
     def run_in_own_process(mode):

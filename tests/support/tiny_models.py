@@ -7,16 +7,17 @@ import torch
 from safetensors.torch import save_file
 
 
-def fill_random_(state_dict, seed=0, scale=1.0):
-    """Deterministic small random values: norm gains near 1, weights ~ 1/sqrt(fan_in)."""
-    g = torch.Generator().manual_seed(seed)
+def fill_random_(state_dict, seed=0, scale=1.0, device=None):
+    """Deterministic small random values: norm gains near 1, weights ~ 1/sqrt(fan_in).
+    device: where the values are drawn and kept (benchmarks: billions of parameters drawn on the GPU)."""
+    g = torch.Generator(device=device or "cpu").manual_seed(seed)
     out = {}
     for k, v in state_dict.items():
         if not v.is_floating_point():
             out[k] = v.clone()
             continue
         shape = v.shape
-        r = torch.randn(shape, generator=g, dtype=torch.float32)
+        r = torch.randn(shape, generator=g, dtype=torch.float32, device=device or "cpu")
         if v.ndim == 1 and any(s in k for s in ("norm", "gamma", "ln_", ".scale")) and not k.endswith("bias"):
             t = 1.0 + 0.05 * r
         elif v.ndim <= 1:
@@ -96,9 +97,12 @@ SVD_XT_UNET = dict(TINY_SVD_UNET, model_channels=320, num_res_blocks=[2, 2, 2, 2
                    transformer_depth_middle=1, image_size=32)
 
 
-def build_tiny_svd(seed=0, state_dict=None, unet_config=None, num_head_channels=16):
+def build_tiny_svd(seed=0, state_dict=None, unet_config=None, num_head_channels=16, dtype=torch.float32,
+                   fill_device=None):
     """A tiny native SVD MODEL (real model_base.SVD_img2vid, real SpatialVideoTransformer).
-    ComfyUI's detection only matches the full-size SVD config, so it is built directly."""
+    ComfyUI's detection only matches the full-size SVD config, so it is built directly.
+    dtype: the UNet's inference dtype ('auto': what ComfyUI picks for SVD on this device, fp16 on a GPU);
+    fill_device: where the random weights are drawn (benchmarks)."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
@@ -108,14 +112,19 @@ def build_tiny_svd(seed=0, state_dict=None, unet_config=None, num_head_channels=
         unet_extra_config = {"num_heads": -1, "num_head_channels": num_head_channels, "attn_precision": torch.float32}
 
     cfg = TinySVD(dict(unet_config or TINY_SVD_UNET))
-    cfg.set_inference_dtype(torch.float32, None)
+    load = comfy.model_management.get_torch_device()
+    if dtype == "auto":
+        dtype = comfy.model_management.unet_dtype(model_params=0, supported_dtypes=cfg.supported_inference_dtypes)
+    manual_cast = None
+    if dtype != torch.float32:
+        manual_cast = comfy.model_management.unet_manual_cast(dtype, load, cfg.supported_inference_dtypes)
+    cfg.set_inference_dtype(dtype, manual_cast)
     model = cfg.get_model({}, "")
     if state_dict is None:
         shapes = model.diffusion_model.state_dict()
-        state_dict = fill_random_({k: torch.empty(v.shape) for k, v in shapes.items()}, seed)
+        state_dict = fill_random_({k: torch.empty(v.shape) for k, v in shapes.items()}, seed, device=fill_device)
     model.diffusion_model.load_state_dict(state_dict, strict=True)
     model.eval()
-    load = comfy.model_management.get_torch_device()
     offload = comfy.model_management.unet_offload_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=offload)
 
