@@ -49,15 +49,12 @@ def grid(n):
     return v, np.array(f)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--repeats", type=int, default=10)
-    args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+def measure(tiny=False, repeats=10, device=None):
+    """Seconds of the EVA02 face tokens and of the whole ID-token encoding (medians over repeats after warm-up)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() and not tiny else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    if args.tiny:
+    if tiny:
         kv = 128
         eva = build_eva(dict(EVA02_L_336, embed_dim=64, depth=21, num_heads=2))
         face = FaceAbstractor(dim=32, vision_dim=64, id_dim=40, output_dim=kv, cabs_hidden=16)
@@ -67,10 +64,11 @@ def main():
         face = FaceAbstractor()
         hw, emb_dim, red = (2048, 1024, 512, 256, 128), 128, (128, 256, 512, 1024, 2048)
     face.drop_unused()
-    v0, f0 = grid(71)  # ~FLAME-sized stand-in mesh (5041 vertices)
-    v1, f1 = grid(35)
+    v0, f0 = grid(12 if tiny else 71)  # ~FLAME-sized stand-in mesh (5041 vertices)
+    v1, f1 = grid(8 if tiny else 35)
     rng = np.random.default_rng(0)
-    sizes = [len(v0), len(v1), 314]
+    n_coarse = 20 if tiny else 314
+    sizes = [len(v0), len(v1), n_coarse]
     down = [(np.arange(b), rng.choice(a, b, replace=False), np.ones(b, np.float32), (b, a))
             for a, b in zip(sizes[:-1], sizes[1:])]
     up = [(np.repeat(np.arange(a), 3), rng.integers(0, b, 3 * a), np.full(3 * a, 1 / 3, np.float32), (a, b))
@@ -78,7 +76,7 @@ def main():
     t = time.perf_counter()
     spirals = [extract_spirals(f0, vertices=v0), extract_spirals(f1, vertices=v1)]
     t_sp = time.perf_counter() - t
-    net = VertexSpiralNet(emb_dim=emb_dim, num_v_coarse=314, hw_dims=hw)
+    net = VertexSpiralNet(emb_dim=emb_dim, num_v_coarse=n_coarse, hw_dims=hw)
     net.set_mesh(spirals, down, up)
     face, net = face.to(device, dtype).eval(), net.to(device).eval()
     reducer = VertexReducer(red).to(device, dtype).eval()
@@ -92,15 +90,27 @@ def main():
     def id_tokens():
         return encode_id_tokens(face, net, reducer, clip_tokens(), verts)
 
-    reps = max(1, args.repeats // 2)
+    reps = max(1, repeats // 2)
     with torch.no_grad():
         t_clip = timed(clip_tokens, device, reps)
         t_id = timed(id_tokens, device, reps)
         shape = tuple(id_tokens().shape)
-    print(f"device {device}, dtype {dtype}, threads {torch.get_num_threads()}")
-    print(f"spirals for {len(v0)} + {len(v1)} vertices (once, at load): {t_sp:.2f} s")
-    print(f"EVA02-CLIP face tokens: {t_clip * 1e3:.1f} ms")
-    print(f"ID tokens {shape} from the face crop and the vertices: {t_id * 1e3:.1f} ms (once per generation)")
+    return {"device": str(device), "dtype": str(dtype), "threads": torch.get_num_threads(), "tiny": tiny,
+            "vertices": [len(v0), len(v1)], "spirals_s": round(t_sp, 3), "eva_s": round(t_clip, 4),
+            "id_tokens_s": round(t_id, 4), "id_tokens_shape": list(shape)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args()
+    r = measure(args.tiny, args.repeats)
+    print(f"device {r['device']}, dtype {r['dtype']}, threads {r['threads']}")
+    print(f"spirals for {r['vertices'][0]} + {r['vertices'][1]} vertices (once, at load): {r['spirals_s']:.2f} s")
+    print(f"EVA02-CLIP face tokens: {r['eva_s'] * 1e3:.1f} ms")
+    print(f"ID tokens {tuple(r['id_tokens_shape'])} from the face crop and the vertices: {r['id_tokens_s'] * 1e3:.1f} ms "
+          "(once per generation)")
 
 
 if __name__ == "__main__":
