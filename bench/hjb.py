@@ -15,6 +15,9 @@ block shapes with --blocks of its 30 blocks.
         --iterations 3 --steps 25                  # the SVD-xt run of the issue (GPU)
 
 With --steps N every step is active (end_percent 1); upstream's default refines the first 21 of 25.
+--upstream-like-ours runs the upstream loop like for like with ours (the same decode precision, decoder gradient
+checkpointing as upstream's --gradient_checkpointing); --unet-dtype auto samples in the dtype ComfyUI picks (fp16 on
+a GPU). bench/gpu_suite.py runs the SVD-xt modes that way on a GPU.
 """
 
 import argparse
