@@ -4,7 +4,7 @@ import logging
 
 import torch
 
-from ..comfy_compat import io, ui
+from ..comfy_compat import SHOWS_RESULT, io, ui
 from ._types import ArcFaceTorch, FaceEmbeds, InsightFace
 
 log = logging.getLogger("likeness")
@@ -53,6 +53,7 @@ class LoadInsightFace(io.ComfyNode):
                 InsightFace.Output(display_name="insightface"),
                 io.String.Output(display_name="status"),
             ],
+            **SHOWS_RESULT,
         )
 
     @classmethod
@@ -102,6 +103,7 @@ class ArcFaceEmbed(io.ComfyNode):
                 io.Mask.Output(display_name="face_mask"),
                 io.String.Output(display_name="report"),
             ],
+            **SHOWS_RESULT,
         )
 
     @classmethod
