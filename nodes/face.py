@@ -299,7 +299,7 @@ class IdentityMetrics(io.ComfyNode):
         return io.NodeOutput(
             float(res["similarity"]), float(res["inter_frame"]), float(res["face_motion_mean"]), int(res["frames_without_face"]),
             table_text, plot, float(res["facesim_arc"]), float(res["facesim_cur"]), float(drift), passed, summary,
-            ui={"images": ui.PreviewImage(plot, cls=cls).as_dict()["images"], "text": (summary,)},
+            ui={"images": ui.PreviewImage(plot, cls=cls).as_dict()["images"], "text": (summary, table_text)},
         )
 
     @staticmethod
