@@ -241,7 +241,7 @@ class IdentityMetrics(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, insightface, video, det_size=640, threshold=0.5, batch_size=None, reference=None,
+    def execute(cls, insightface, reference=None, video=None, det_size=640, threshold=0.5, batch_size=None,
                 protocol="likeness", reference_image=None, recognizer=None, fps=16.0,
                 identities=IDENTITY_MODES[0], match_threshold=0.3, gate_on="similarity", gate_threshold=0.5):
         from ..likeness_blocks import metrics as M

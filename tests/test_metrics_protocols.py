@@ -181,7 +181,7 @@ def video_tensor(frames):
 
 
 def run_node(s, frames, ref, protocol, **kw):
-    out = s.N.IdentityMetrics.execute(s.pack, video_tensor(frames), protocol=protocol, reference_image=video_tensor([ref]),
+    out = s.N.IdentityMetrics.execute(s.pack, video=video_tensor(frames), protocol=protocol, reference_image=video_tensor([ref]),
                                       recognizer=s.cur, **kw)
     return dict(zip(["similarity", "ifs", "fm", "no_face", "json", "plot", "arc", "cur", "drift", "passed", "summary"], out.result))
 
@@ -230,18 +230,18 @@ def test_opens2v_quirk_changes_only_the_cur_mean(setup):
 
 
 def test_protocols_without_curricularface_and_bad_inputs(setup):
-    out = setup.N.IdentityMetrics.execute(setup.pack, video_tensor(setup.frames), protocol="opens2v",
+    out = setup.N.IdentityMetrics.execute(setup.pack, video=video_tensor(setup.frames), protocol="opens2v",
                                           reference_image=video_tensor([setup.ref]))
     r = dict(zip(["similarity", "ifs", "fm", "no_face", "json", "plot", "arc", "cur"], out.result))
     assert np.isnan(r["cur"]) and r["similarity"] == r["arc"]
     with pytest.raises(ValueError, match="reference_image"):
-        setup.N.IdentityMetrics.execute(setup.pack, video_tensor(setup.frames), protocol="consisid")
+        setup.N.IdentityMetrics.execute(setup.pack, video=video_tensor(setup.frames), protocol="consisid")
     with pytest.raises(ValueError, match="'reference_image' image 0.*no face"):
-        setup.N.IdentityMetrics.execute(setup.pack, video_tensor(setup.frames), protocol="consisid",
+        setup.N.IdentityMetrics.execute(setup.pack, video=video_tensor(setup.frames), protocol="consisid",
                                         reference_image=video_tensor([setup.frames[5]]))
     arc = setup.L.load_arcface_torch("insightface/bench/rec_tiny.onnx")
     with pytest.raises(ValueError, match="CurricularFace"):
-        setup.N.IdentityMetrics.execute(setup.pack, video_tensor(setup.frames), protocol="consisid",
+        setup.N.IdentityMetrics.execute(setup.pack, video=video_tensor(setup.frames), protocol="consisid",
                                         reference_image=video_tensor([setup.ref]), recognizer=arc)
 
 
