@@ -61,7 +61,7 @@ def test_face_nodes_are_listed(face_server):
 def test_embed_and_metrics_end_to_end(face_server):
     hist = face_server.run(metrics_prompt(), timeout=180)
     out = hist["outputs"]
-    assert out["7"]["text"][0].startswith("similarity to reference")
+    assert "similarity to reference" in out["7"]["text"][0]
     assert face_server.output_files(hist, "8"), "the metrics plot was not saved"
     png = face_server.view(*face_server.output_files(hist, "8")[0])
     assert png[:4] == b"\x89PNG"
