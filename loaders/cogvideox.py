@@ -149,13 +149,35 @@ def native_to_diffusers(sd):
             unmapped.append(k)
         else:
             out[d] = v
-    if unmapped:
+    missing = _native_missing(sd)
+    if unmapped or missing:
+        what = []
+        if unmapped:
+            what.append("{} keys have no counterpart in the released (diffusers) CogVideoX model: {}".format(
+                len(unmapped), _first(unmapped)))
+        if missing:
+            what.append("{} keys of a complete model are absent: {}".format(len(missing), _first(missing)))
         raise ValueError(
-            "This file has ComfyUI's own CogVideoX key layout, but {} of its keys have no counterpart in the released "
-            "(diffusers) CogVideoX model: {}. Load it with ComfyUI's stock 'Load Diffusion Model' node instead "
-            "(FantasyID and Concat-ID need the released model, loaded by 'Load CogVideoX').".format(
-                len(unmapped), ", ".join(sorted(unmapped)[:8]) + (" ..." if len(unmapped) > 8 else "")))
+            "This file has ComfyUI's own CogVideoX key layout, but {}. Load it with ComfyUI's stock 'Load Diffusion "
+            "Model' node instead (FantasyID and Concat-ID need the released model, loaded by 'Load CogVideoX')."
+            .format("; ".join(what)))
     return out
+
+
+def _first(keys, n=8):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
+
+
+def _native_missing(sd):
+    """Native keys every ComfyUI CogVideoX has (its blocks, projections and norms all carry a bias)."""
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    need = [f"blocks.{i}.{m}.{leaf}" for i in range(max(blocks, default=-1) + 1) for m in NATIVE_BLOCK_MODULES
+            for leaf in ("weight", "bias")]
+    has_ofs = any(k.startswith("ofs_embedding_") for k in sd)  # CogVideoX 1.5 I2V only
+    need += [f"{m}.{leaf}" for m in NATIVE_TOP_MODULES if has_ofs or not m.startswith("ofs_embedding_")
+             for leaf in ("weight", "bias") if (m, leaf) != ("patch_embed.proj", "bias")]  # patch bias: optional
+    return [k for k in need if k not in sd]
 
 
 def infer_transformer_config(sd):
