@@ -205,10 +205,28 @@ def measure(layout, grid_name, seed, device, L, emit):
         den_ours = ours.apply_model(x, sigma, **kw)
         den_nat = nat.apply_model(x, sigma, **kw)
         emit(f"apply_model at sigma {float(sigma):.4f} (t={T_MID})", *diff(den_nat, den_ours))
-        # what the native apply_model feeds its network, and how it turns v into x0
-        ms = nat.model_sampling
-        emit("  native calculate_input(sigma, x) / x", float((ms.calculate_input(sigma, x) / x).mean()), None)
-        emit("  ours   calculate_input(sigma, x) / x", float((ours.model_sampling.calculate_input(sigma, x) / x).mean()), None)
+        # split: the native network inside our (diffusers') v-prediction conventions, and the conventions alone
+        ms_n, ms_o = nat.model_sampling, ours.model_sampling
+        emit("  timestep fed to the network, native", float(ms_n.timestep(sigma)), None)
+        emit("  timestep fed to the network, ours", float(ms_o.timestep(sigma)), None)
+        emit("  network input / x, native (calculate_input)", float((ms_n.calculate_input(sigma, x) / x).mean()), None)
+        emit("  network input / x, ours = sqrt(alpha_bar)", float((ms_o.calculate_input(sigma, x) / x).mean()), None)
+        xin = ms_o.calculate_input(sigma, x)
+        xin = torch.cat([xin, concat], dim=1) if concat is not None else xin
+        v_nat = ndm(xin, ms_o.timestep(sigma).float(), ctx)
+        den_mixed = ms_o.calculate_denoised(sigma, v_nat, x)
+        emit("  native network in our conventions vs ours", *diff(den_mixed, den_ours))
+        emit("  native apply_model vs native network in ours", *diff(den_nat, den_mixed))
+        # the conventions with an exact network: x = x0 + sigma * eps (ComfyUI's noise_scaling on both sides),
+        # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (what CogVideoX was trained to predict)
+        x0 = torch.randn(x.shape, generator=g).to(device)
+        eps = torch.randn(x.shape, generator=g).to(device)
+        xs = ms_o.noise_scaling(sigma, eps, x0)
+        assert torch.allclose(ms_n.noise_scaling(sigma, eps, x0), xs)
+        ab = 1.0 / (sigma ** 2 + 1.0)
+        v = ab.sqrt() * eps - (1 - ab).sqrt() * x0
+        emit("  x0 from the exact v, native calculate_denoised", *diff(ms_n.calculate_denoised(sigma, v, xs), x0))
+        emit("  x0 from the exact v, ours", *diff(ms_o.calculate_denoised(sigma, v, xs), x0))
 
 
 def sigma_tables():
@@ -232,7 +250,7 @@ def emit(*row):
     if len(row) == 1:
         print("  " + row[0])
     elif row[2] is None:
-        print(f"  {row[0]:<52} {row[1]:.4g}")
+        print(f"  {row[0]:<52} {row[1]:.6g}")
     else:
         print(f"  {row[0]:<52} max abs {row[1]:.3e}   relative {row[2]:.3e}")
     sys.stdout.flush()
@@ -250,24 +268,20 @@ def main():
     except ImportError:
         raise SystemExit("This ComfyUI has no native CogVideoX (it arrived after 0.3.75): run with "
                          "LIKENESS_COMFYUI pointing at ComfyUI >= 0.33 and its venv.")
-    import comfy
+    import importlib
 
-    L = sys.modules["likeness_pack.loaders.cogvideox"] if "likeness_pack.loaders.cogvideox" in sys.modules else None
-    if L is None:
-        import importlib
+    from support.paths import comfyui_dir
 
-        L = importlib.import_module("likeness_pack.loaders.cogvideox")
+    L = importlib.import_module("likeness_pack.loaders.cogvideox")
     device = torch.device("cuda" if cuda else "cpu")
-    version = getattr(sys.modules.get("comfyui_version"), "__version__", None)
-    if version is None:
-        try:
-            import comfyui_version
+    try:
+        import comfyui_version
 
-            version = comfyui_version.__version__
-        except ImportError:
-            version = "?"
+        version = comfyui_version.__version__
+    except ImportError:
+        version = "?"
     f, h, w = GRIDS[a.grid]
-    print(f"ComfyUI {version} ({os.path.dirname(os.path.dirname(comfy.__file__))}), torch {torch.__version__}, "
+    print(f"ComfyUI {version} ({comfyui_dir()}), torch {torch.__version__}, "
           f"{device}, fp32; latent {f} frames x {h}x{w} (token grid {h // 2}x{w // 2}), seed {a.seed}")
     for layout in LAYOUTS:
         print(f"\n== {layout}")

@@ -289,8 +289,16 @@ def test_server_patches_refuse_comfyui_native_model(server):
     from test_fantasyid_server import _prompt as fantasyid_prompt
 
     p = fantasyid_prompt("cog_native/fid")
-    p["30"] = stock
+    cog = [n for n in _listed(server, "LikenessLoadCogVideoX", "model_name") if n.startswith(example_tiny.COG + "/")]
+    assert cog, "the tiny FantasyID transformer is not listed"
+    p["10"]["inputs"]["model_name"] = cog[0]  # the value the dropdown lists
+    for k in ("22", "23", "24", "25", "26", "27"):  # the I2V sampling half: the injector alone is what is checked
+        p.pop(k)
+    sample = _sample_prompt(stock, "cog_native/fid")
+    p.update({"30": sample["1"], "40": sample["4"], "41": sample["5"], "42": sample["6"]})
     p["17"]["inputs"]["model"] = ["30", 0]
+    p["41"]["inputs"].update(model=["17", 0], positive=["20", 0], negative=["21", 0], latent_image=["40", 0])
+    p["42"]["inputs"]["samples"] = ["41", 0]
     with pytest.raises(PromptFailed, match=r"Layer-Aware Injector \(FantasyID\): this MODEL is ComfyUI's own CogVideoX"):
         server.run(p)
     # the pack's own loader on the same file is accepted by the same patch
