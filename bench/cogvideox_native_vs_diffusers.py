@@ -4,17 +4,19 @@ CogVideoX ('Load CogVideoX') on the SAME weights.
 Both models are built from one random-weight state dict of the real architecture (tiny widths): ComfyUI's
 from its native key layout through its own detection (comfy.model_detection.model_config_from_unet) and
 model class (model_base.CogVideoX), ours from the diffusers names (the 1:1 rename of loaders/cogvideox.py).
-Two layouts: RoPE only (CogVideoX-5B T2V) and RoPE + learned positional table (CogVideoX-5B-I2V, FantasyID).
-Non-square latent, several frames, text length 226 (the learned table's text slots).
+Layouts: RoPE only (CogVideoX-5B T2V), RoPE + learned positional table (CogVideoX-5B-I2V, FantasyID), sin-cos table
+without RoPE (CogVideoX-2B). Non-square latent, several frames, text length 226 (the learned table's text slots).
 
-Printed per layout (max |native - ours| and that over max |ours|):
-  network     the transformer alone, same input and timestep (t = 500)
-  network, native RoPE replaced by ours (and switched on)   -> isolates the positional encoding
-  apply_model one BaseModel.apply_model call at the middle sigma (sigma of t = 500), same sampler-space x
-plus the two sigma tables (5B: SNR shift 1; 2B: SNR shift 3).
+Printed per layout (max |native - ours|, and that over max |ours|):
+  network, as ComfyUI builds it      the transformer alone, same input, timestep 500, same text
+    ... := ours                      the same with the native positional encoding swapped for ours: the cause
+  apply_model at the middle sigma    one BaseModel.apply_model call (sigma of t = 500), same sampler-space latent
+    native network in our conventions / native apply_model vs that: the network and the v-prediction
+    conventions (comfy.model_sampling) separately; x0 from the exact v: the conventions with a perfect network
+plus the sigma tables (5B: SNR shift 1; 2B: SNR shift 3).
 
     LIKENESS_COMFYUI=/work/main/.comfyui/ComfyUI-0.33.0 /work/main/.venv-0.33/bin/python \\
-        bench/cogvideox_native_vs_diffusers.py [--grid tiny|5b] [--seed 0]
+        bench/cogvideox_native_vs_diffusers.py [--grid tiny|5b] [--seed 0] [--layouts t2v,i2v,2b]
 
 --grid 5b uses CogVideoX-5B's own token grid (13 latent frames of 60x90, the 480x720x49 default the learned table
 is trained for; the native model then comes from the unchanged comfy.sd.load_diffusion_model_state_dict) and needs
@@ -29,13 +31,13 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-LAYOUTS = {
-    "RoPE (CogVideoX-5B T2V)": dict(in_channels=16, use_rotary_positional_embeddings=True,
-                                    use_learned_positional_embeddings=False),
-    "learned pos. table + RoPE (CogVideoX-5B-I2V, FantasyID)": dict(
-        in_channels=32, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True),
-    "sin-cos table, no RoPE (CogVideoX-2B)": dict(in_channels=16, use_rotary_positional_embeddings=False,
-                                                  use_learned_positional_embeddings=False),
+LAYOUTS = {  # --layouts key: (title, diffusers config entries)
+    "t2v": ("RoPE (CogVideoX-5B T2V)", dict(in_channels=16, use_rotary_positional_embeddings=True,
+                                    use_learned_positional_embeddings=False)),
+    "i2v": ("learned pos. table + RoPE (CogVideoX-5B-I2V, FantasyID)", dict(
+        in_channels=32, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True)),
+    "2b": ("sin-cos table, no RoPE (CogVideoX-2B)", dict(in_channels=16, use_rotary_positional_embeddings=False,
+                                                         use_learned_positional_embeddings=False)),
 }
 GRIDS = {  # (latent frames, latent height, latent width)
     "tiny": (4, 12, 20),
@@ -57,7 +59,7 @@ def diffusers_config(layout, grid):
     # ComfyUI's detection assumes head_dim 64; its sin-cos table needs a width divisible by 3, diffusers' by 4
     return dict(num_attention_heads=3, attention_head_dim=64,
                 out_channels=16, time_embed_dim=64, text_embed_dim=64, num_layers=2, max_text_seq_length=226,
-                sample_height=h, sample_width=w, sample_frames=(frames - 1) * 4 + 1, patch_size=2, **LAYOUTS[layout])
+                sample_height=h, sample_width=w, sample_frames=(frames - 1) * 4 + 1, patch_size=2, **LAYOUTS[layout][1])
 
 
 def random_weights(cfg, seed):
@@ -260,6 +262,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", default="tiny", choices=sorted(GRIDS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layouts", default="t2v,i2v,2b", help="comma-separated: " + ", ".join(LAYOUTS))
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
     setup(cpu=not cuda)
@@ -283,8 +286,8 @@ def main():
     f, h, w = GRIDS[a.grid]
     print(f"ComfyUI {version} ({comfyui_dir()}), torch {torch.__version__}, "
           f"{device}, fp32; latent {f} frames x {h}x{w} (token grid {h // 2}x{w // 2}), seed {a.seed}")
-    for layout in LAYOUTS:
-        print(f"\n== {layout}")
+    for layout in a.layouts.split(","):
+        print(f"\n== {LAYOUTS[layout][0]}")
         measure(layout, a.grid, a.seed, device, L, emit)
     print("\n== sigma tables, max relative difference native vs ours (t = 0..998)")
     for name, d in sigma_tables():
