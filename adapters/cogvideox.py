@@ -319,9 +319,9 @@ def refuse_comfy_native_cogvideox(model_patcher, node):
     if native is not None and isinstance(getattr(model_patcher, "model", None), native):
         raise ValueError(
             f"{node}: this MODEL is ComfyUI's own CogVideoX (stock 'Load Diffusion Model'), which differs from the "
-            "released CogVideoX on the same weights: its 3D RoPE positions are 1.875x too far apart (about 1.4 % "
+            "released CogVideoX on the same weights: its 3D RoPE positions are 1.875x too far apart (0.8-1.4 % "
             "network output error), it switches RoPE off for the learned-position layout of CogVideoX-5B-I2V and "
-            "FantasyID, and its sampler feeds the network the latent without the sqrt(alpha_bar) scaling (about 36 % "
+            "FantasyID, and its sampler feeds the network the latent without the sqrt(alpha_bar) scaling (36-44 % "
             "off at the middle sigma; docs/cogvideox.md). Load the same file with Likeness's 'Load CogVideoX' "
             "(it reads ComfyUI's key layout too) and connect that MODEL instead.")
 
