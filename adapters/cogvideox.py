@@ -312,6 +312,20 @@ class CogVideoXModelConfig(comfy.supported_models_base.BASE):
         return CogVideoXModel(self, device=device)
 
 
+def refuse_comfy_native_cogvideox(model_patcher, node):
+    """Refuses ComfyUI's own CogVideoX MODEL (ComfyUI >= 0.33, stock 'Load Diffusion Model'): on the same weights it
+    is not the released model (measured in bench/cogvideox_native_vs_diffusers.py, docs/cogvideox.md)."""
+    native = getattr(comfy.model_base, "CogVideoX", None)  # ComfyUI 0.3.75 has none
+    if native is not None and isinstance(getattr(model_patcher, "model", None), native):
+        raise ValueError(
+            f"{node}: this MODEL is ComfyUI's own CogVideoX (stock 'Load Diffusion Model'), which differs from the "
+            "released CogVideoX on the same weights: its 3D RoPE positions are 1.875x too far apart (0.8-1.4 % "
+            "network output error), it switches RoPE off for the learned-position layout of CogVideoX-5B-I2V and "
+            "FantasyID, and its sampler feeds the network the latent without the sqrt(alpha_bar) scaling (36-44 % "
+            "off at the middle sigma; docs/cogvideox.md). Load the same file with Likeness's 'Load CogVideoX' "
+            "(it reads ComfyUI's key layout too) and connect that MODEL instead.")
+
+
 def lora_key_map(model_patcher):
     """LoRA key names (diffusers/PEFT 'transformer.<module>', bare '<module>', ComfyUI
     'diffusion_model.<module>' and kohya 'lora_unet_<module_with_underscores>') -> model weight keys."""

@@ -20,6 +20,8 @@ import torch
 
 import comfy.patcher_extension
 
+from .cogvideox import refuse_comfy_native_cogvideox
+
 WRAPPER_KEY = "likeness_concat_id_cogvideox"
 TRAINED_MAX_REFS = 2  # the released checkpoints: single-identity (1) and two-identities (2)
 _warned = [False]
@@ -87,6 +89,7 @@ def make_wrapper(sigma_start=None, sigma_end=None):
 
 def apply_concat_id_cogvideox(model_patcher, start_percent=0.0, end_percent=1.0):
     """A clone of a native CogVideoX MODEL that runs Concat-ID's reference frames (see module doc)."""
+    refuse_comfy_native_cogvideox(model_patcher, "Concat-ID Model Patch (CogVideoX)")
     _cogvideox_model(model_patcher)
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(f"start_percent ({start_percent}) must be <= end_percent ({end_percent}), both in 0..1.")

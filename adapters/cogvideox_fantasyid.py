@@ -22,6 +22,7 @@ import torch.nn as nn
 import comfy.model_patcher
 import comfy.patcher_extension
 
+from .cogvideox import refuse_comfy_native_cogvideox
 from .layer_injection import LayerInjector
 
 WRAPPER_KEY = "likeness_fantasyid_layer_injection"
@@ -142,6 +143,7 @@ def apply_layer_injection(model_patcher, layer_attention, id_tokens, strength=1.
                           end_percent=1.0, block_start=0, block_end=-1, cross_attn_interval=None):
     """Clone of a CogVideoX MODEL with FantasyID's layer-aware injection. `layer_attention`: nn.ModuleList (one per
     injection point); `id_tokens`: (B, N, kv_dim). block_end -1 = through the last block (exclusive end otherwise)."""
+    refuse_comfy_native_cogvideox(model_patcher, "Layer-Aware Injector (FantasyID)")
     dit = _cog_dit(model_patcher)
     n_blocks = len(dit.transformer_blocks)
     if not isinstance(layer_attention, nn.ModuleList):

@@ -96,12 +96,98 @@ def _strip_prefix(sd):
     return sd
 
 
+# ComfyUI's own CogVideoX (comfy/ldm/cogvideo/model.py, ComfyUI >= 0.33) names the same weights differently:
+# native module path -> diffusers CogVideoXTransformer3DModel module path. Inside blocks.N / transformer_blocks.N:
+NATIVE_BLOCK_MODULES = {
+    "norm1.linear": "norm1.linear", "norm1.norm": "norm1.norm",
+    "q": "attn1.to_q", "k": "attn1.to_k", "v": "attn1.to_v",
+    "norm_q": "attn1.norm_q", "norm_k": "attn1.norm_k", "attn_out": "attn1.to_out.0",
+    "norm2.linear": "norm2.linear", "norm2.norm": "norm2.norm",
+    "ff_proj": "ff.net.0.proj", "ff_out": "ff.net.2",
+}
+NATIVE_TOP_MODULES = {
+    "patch_embed.proj": "patch_embed.proj", "patch_embed.text_proj": "patch_embed.text_proj",
+    "time_embedding_linear_1": "time_embedding.linear_1", "time_embedding_linear_2": "time_embedding.linear_2",
+    "ofs_embedding_linear_1": "ofs_embedding.linear_1", "ofs_embedding_linear_2": "ofs_embedding.linear_2",
+    "norm_final": "norm_final", "norm_out.linear": "norm_out.linear", "norm_out.norm": "norm_out.norm",
+    "proj_out": "proj_out",
+}
+NATIVE_BUFFERS = {"patch_embed.pos_embedding": "patch_embed.pos_embedding"}  # learned table (5B-I2V, FantasyID)
+NATIVE_MARKER = "blocks.0.norm1.linear.weight"  # what ComfyUI's model_detection keys on
+
+
+def is_native_layout(sd):
+    """True for ComfyUI's own CogVideoX key layout (blocks.N.q, time_embedding_linear_1, ...)."""
+    return NATIVE_MARKER in sd and not any(k.startswith("transformer_blocks.") for k in sd)
+
+
+def native_key_to_diffusers(key):
+    """The diffusers name of one native ComfyUI CogVideoX key, or None when it is not a known weight."""
+    if key in NATIVE_BUFFERS:
+        return NATIVE_BUFFERS[key]
+    module, _, leaf = key.rpartition(".")
+    if leaf not in ("weight", "bias"):
+        return None
+    parts = module.split(".")
+    if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit():
+        inner = NATIVE_BLOCK_MODULES.get(".".join(parts[2:]))
+        return None if inner is None else f"transformer_blocks.{parts[1]}.{inner}.{leaf}"
+    top = NATIVE_TOP_MODULES.get(module)
+    return None if top is None else f"{top}.{leaf}"
+
+
+def native_to_diffusers(sd):
+    """A native ComfyUI CogVideoX state dict renamed 1:1 to diffusers' names (FantasyID face modules, if any, kept).
+    Every key must map: one that does not is named in the error, never dropped."""
+    out, unmapped = {}, []
+    for k, v in sd.items():
+        if k.startswith(FACE_MODULE_PREFIXES):
+            out[k] = v
+            continue
+        d = native_key_to_diffusers(k)
+        if d is None:
+            unmapped.append(k)
+        else:
+            out[d] = v
+    missing = _native_missing(sd)
+    if unmapped or missing:
+        what = []
+        if unmapped:
+            what.append("{} keys have no counterpart in the released (diffusers) CogVideoX model: {}".format(
+                len(unmapped), _first(unmapped)))
+        if missing:
+            what.append("{} keys of a complete model are absent: {}".format(len(missing), _first(missing)))
+        raise ValueError(
+            "This file has ComfyUI's own CogVideoX key layout, but {}. Load it with ComfyUI's stock 'Load Diffusion "
+            "Model' node instead (FantasyID and Concat-ID need the released model, loaded by 'Load CogVideoX')."
+            .format("; ".join(what)))
+    return out
+
+
+def _first(keys, n=8):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
+
+
+def _native_missing(sd):
+    """Native keys every ComfyUI CogVideoX has (its blocks, projections and norms all carry a bias)."""
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    need = [f"blocks.{i}.{m}.{leaf}" for i in range(max(blocks, default=-1) + 1) for m in NATIVE_BLOCK_MODULES
+            for leaf in ("weight", "bias")]
+    has_ofs = any(k.startswith("ofs_embedding_") for k in sd)  # CogVideoX 1.5 I2V only
+    need += [f"{m}.{leaf}" for m in NATIVE_TOP_MODULES if has_ofs or not m.startswith("ofs_embedding_")
+             for leaf in ("weight", "bias") if (m, leaf) != ("patch_embed.proj", "bias")]  # patch bias: optional
+    return [k for k in need if k not in sd]
+
+
 def infer_transformer_config(sd):
     """A diffusers CogVideoXTransformer3DModel config from the weight shapes of a single file."""
-    if "patch_embed.proj.weight" not in sd or "proj_out.weight" not in sd:
+    if "patch_embed.proj.weight" not in sd or "proj_out.weight" not in sd \
+            or not any(k.startswith("transformer_blocks.") for k in sd):
         raise ValueError("This file is not a diffusers-format CogVideoX transformer (no patch_embed.proj.weight / "
-                         "proj_out.weight). Use the diffusers transformer folder or a file saved from it; SAT "
-                         "checkpoints need converting first.")
+                         "proj_out.weight / transformer_blocks.*). Use the diffusers transformer folder, a file saved "
+                         "from it, or ComfyUI's own CogVideoX layout (blocks.N.*); SAT checkpoints load with "
+                         "'Concat-ID CogVideoX Loader (SAT)' or need converting first.")
     proj = sd["patch_embed.proj.weight"]
     inner = proj.shape[0]
     layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
@@ -132,18 +218,32 @@ def infer_transformer_config(sd):
     return cfg
 
 
+def _from_native_layout(sd, source):
+    if not is_native_layout(sd):
+        nested = [k for k in sd if k.endswith("." + NATIVE_MARKER)]
+        if nested and not any(k.startswith("transformer_blocks.") for k in sd):
+            raise ValueError(
+                f"'{os.path.basename(source)}' holds ComfyUI's own CogVideoX under '{nested[0][:-len(NATIVE_MARKER)]}' "
+                "next to other models (a full checkpoint). Load it with ComfyUI's stock 'Load Checkpoint' / 'Load "
+                "Diffusion Model', or save the transformer alone for 'Load CogVideoX'.")
+        return sd
+    log.info("CogVideoX loader: '%s' has ComfyUI's own CogVideoX key layout; renamed 1:1 to the diffusers names",
+             os.path.basename(source.rstrip("/\\")))
+    return native_to_diffusers(sd)
+
+
 def read_transformer(path):
     """(diffusers config, state dict, source description) from a folder or single file."""
     if os.path.isdir(path):
         folder = _resolve_transformer_dir(path)
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
-        return cfg, _strip_prefix(_load_folder_weights(folder)), folder
+        return cfg, _from_native_layout(_strip_prefix(_load_folder_weights(folder)), folder), folder
     if not os.path.isfile(path):
         raise ValueError(f"CogVideoX transformer '{path}' does not exist.")
     if not path.endswith((".safetensors", ".sft")):
         raise ValueError(f"'{path}': only .safetensors single files are loaded (safe loading).")
-    sd = _strip_prefix(_load_safetensors(path))
+    sd = _from_native_layout(_strip_prefix(_load_safetensors(path)), path)
     side_cfg = os.path.splitext(path)[0] + ".json"
     if os.path.isfile(side_cfg):
         with open(side_cfg, encoding="utf-8") as f:

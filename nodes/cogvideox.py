@@ -79,7 +79,8 @@ class LikenessLoadCogVideoX(io.ComfyNode):
             display_name="Load CogVideoX",
             category=CATEGORY,
             description="Loads a diffusers-format CogVideoX transformer (folder with config.json, or a single "
-                        ".safetensors file) as a native MODEL for KSampler: CogVideoX-2B/5B, 5B-I2V and FantasyID's "
+                        ".safetensors file; single files in ComfyUI's own CogVideoX key layout are renamed to it) as "
+                        "a native MODEL for KSampler: CogVideoX-2B/5B, 5B-I2V and FantasyID's "
                         "transformer (its face modules are kept aside for the FantasyID nodes). Sample with "
                         "sampler ddim (or euler) and scheduler simple to follow CogVideoX's DDIM schedule.",
             inputs=[
