@@ -43,16 +43,16 @@ class ConcatIDLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, concat_id_name, weight_dtype="default") -> io.NodeOutput:
-        import folder_paths
-
         from ..loaders.concat_id import load_concat_id
+        from ..loaders.model_folders import resolve_file
 
         opts = {}
         dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn,
                   "fp8_e5m2": torch.float8_e5m2}
         if weight_dtype in dtypes:
             opts["dtype"] = dtypes[weight_dtype]
-        path = folder_paths.get_full_path_or_raise("concat_id", concat_id_name)
+        path = resolve_file("concat_id", concat_id_name, "Concat-ID Wan Loader: concat_id_name",
+                            "Put Concat-ID's first_stage.pt or second_stage_adaln.pt in models/concat_id.")
         model, weights = load_concat_id(path, model_options=opts)
         return io.NodeOutput(model, weights)
 
