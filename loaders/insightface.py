@@ -69,9 +69,10 @@ def resolve_pack_dir(name):
     Accepted: <root>/models/<name> (correct), <root>/models/<name>/<name> (the nested
     antelopev2/antelopev2 that unzipping creates) and <root>/<name> (the "models" level missing).
     """
-    if not isinstance(name, str) or not name or os.sep in name or "/" in name or "\\" in name or name in (".", ".."):
-        raise ValueError(f"InsightFace pack name {str(name)[:120]!r} is not a folder name; pick a pack from the list.")
-    check_name(name, "InsightFace pack")
+    check_name(name, "Load InsightFace: model_name")
+    if os.sep in name or "/" in name or "\\" in name:
+        raise ValueError(f"Load InsightFace: model_name {name[:120]!r} is refused: it is not a folder name; pick a "
+                         "pack from the list.")
     roots = insightface_roots()
     if not roots:
         raise RuntimeError("No 'insightface' model folder is registered with ComfyUI. " + EXPECTED_LAYOUT)

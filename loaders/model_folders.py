@@ -63,8 +63,10 @@ def check_name(name, what):
     parts = [p for p in re.split(r"[\\/]+", name) if p]
     if (name.startswith(("/", "\\")) or _DRIVE.match(name) or os.path.isabs(name) or "\x00" in name
             or ".." in parts or not parts or all(p == "." for p in parts)):
+        absolute = name.startswith(("/", "\\")) or bool(_DRIVE.match(name)) or os.path.isabs(name)
+        shown = "an absolute path" if absolute else f"'{_short(name)}'"  # the server's layout is never echoed
         raise RefusedName(
-            f"{what}: '{_short(name)}' is refused: only names from the list are accepted (files inside the model "
+            f"{what}: {shown} is refused: only names from the list are accepted (files inside the model "
             "folder); absolute paths and '..' are not. Pick the file from the list."
         )
     return name

@@ -95,6 +95,18 @@ class ConcatIDPrepareReference(io.ComfyNode):
         if image.ndim != 4 or image.shape[-1] < 3:
             raise ValueError(f"'image' must be an IMAGE batch (N, H, W, 3), got shape {tuple(image.shape)}.")
         n, ih, iw = image.shape[:3]
+        sizes = list(getattr(face_embeds, "image_sizes", None) or [])
+        if sizes and len(sizes) != n:
+            raise ValueError(
+                f"face_embeds were made from {len(sizes)} image(s) but 'image' has {n}: connect the same IMAGE to "
+                "ArcFace Embed and to this node."
+            )
+        for i, hw in enumerate(sizes):
+            if (int(hw[0]), int(hw[1])) != (ih, iw):
+                raise ValueError(
+                    f"face_embeds were detected on a {int(hw[1])}x{int(hw[0])} image but image {i} is {iw}x{ih}: they "
+                    "come from another image. Connect the same IMAGE to ArcFace Embed and to this node."
+                )
         if mask is not None:
             if mask.ndim == 2:
                 mask = mask[None]
