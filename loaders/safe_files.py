@@ -41,7 +41,11 @@ def _size(path):
 def clean_message(text):
     """Another library's message without absolute paths or advice to load unsafely (first 300 characters)."""
     text = str(text)
-    # torch's weights_only failure text recommends weights_only=False: drop every sentence that mentions it
+    if "Weights only load failed" in text:  # torch's text advises loading unsafely: say only what was refused
+        refused = _refused_globals(text)
+        text = text[: text.index("Weights only load failed")] + "refused by the safe unpickler" + (
+            f" ({', '.join(refused[:4])})" if refused else "")
+    # any remaining sentence about weights_only is advice about loading unsafely: dropped
     parts = re.split(r"(?<=[.!?])\s+|\n+", text)
     parts = [p for p in parts if "weights_only" not in p and "WeightsUnpickler" not in p and p.strip()]
     text = " ".join(parts)
@@ -52,7 +56,7 @@ def clean_message(text):
 def _refused_globals(text):
     found = re.findall(r"GLOBAL ([\w.]+)", str(text)) + re.findall(r"Unsupported global: ([\w.]+)", str(text))
     found += re.findall(r"global '([\w.]+)'", str(text)) + re.findall(r"refers to '([\w.]+)'", str(text))
-    return sorted(set(found))
+    return sorted(set(found) - {"GLOBAL"})
 
 
 def problem_of(exc, path):
@@ -84,14 +88,15 @@ def problem_of(exc, path):
         refused = _refused_globals(msg)
         if refused or "Weights only load failed" in msg or "not allowed" in msg or "refused" in msg.lower():
             what = f" ({', '.join(refused[:4])})" if refused else ""
-            return (f"could not be loaded safely: it holds Python objects other than tensors{what}, which are refused "
-                    "because unpickling them could run code",
-                    "Use the released file; a state dict saved with torch.save(model.state_dict()) or a .safetensors "
-                    "conversion loads.")
+            todo = "" if ext == ".pkl" else ("A state dict saved with torch.save(model.state_dict()) or a "
+                                             ".safetensors conversion loads.")
+            return (f"could not be loaded safely: it holds Python objects other than "
+                    f"{'arrays' if ext == '.pkl' else 'tensors'}{what}, which are refused because unpickling them "
+                    "could run code", todo)
         return "is not a torch checkpoint or pickle (truncated or a different format)", redownload
     if name == "DecodeError" or (ext == ".onnx" and ("protobuf" in msg.lower() or "parse" in msg.lower())):
         return "is not an ONNX model (truncated or a different format)", redownload
-    if ext == ".npz" and ("pickled data" in msg or isinstance(exc, (zipfile.BadZipFile, OSError))):
+    if ext == ".npz" and ("pickled" in msg or isinstance(exc, (zipfile.BadZipFile, OSError, EOFError))):
         return "is not a .npz archive (truncated or a different format)", redownload
     if isinstance(exc, json.JSONDecodeError):
         return f"is not valid JSON (line {exc.lineno})", redownload
