@@ -124,8 +124,10 @@ def reading(path, what, fix=""):
     Messages that are already clear (ValueErrors this pack raises after reading) keep their text, scrubbed."""
     try:
         yield
-    except (BadModelFile, RefusedName, FileNotFoundError):
+    except (BadModelFile, RefusedName):
         raise
+    except FileNotFoundError as exc:  # the OS names the absolute path: keep the message, not the layout
+        raise FileNotFoundError(clean_message(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - every failure of reading a file becomes one clear message
         if problem_of(exc, path) is None and type(exc) is ValueError:
             raise BadModelFile(f"{what}: '{display_path(path)}': {clean_message(exc)}") from exc
