@@ -300,6 +300,23 @@ class HJBFaceGuidance:
                         len(found) - len(have), len(found))
         return torch.tensor([found[min(have, key=lambda k: abs(k - j))] for j in range(len(found))])
 
+    def _check_mask_count(self, denoised):
+        """face_mask: 1 (every frame) or one per output frame; anything else would cycle silently."""
+        n_masks = len(self.face_boxes)
+        if n_masks == 1:
+            return
+        n_out = denoised.shape[0]  # frames on the batch axis (SVD)
+        if denoised.ndim == 5:
+            ratio = getattr(self.vae, "upscale_ratio", None)
+            t = denoised.shape[2]
+            if isinstance(ratio, (tuple, list)) and len(ratio) == 3:
+                n_out = int(ratio[0](t)) if callable(ratio[0]) else int(ratio[0]) * t
+            else:
+                return  # unknown decoder: frame_loss checks each index instead
+        if n_masks != n_out:
+            raise ValueError(f"HJB Face Guidance: face_mask has {n_masks} masks but the video has {n_out} frames; "
+                             "give one mask (used for every frame) or exactly one per frame.")
+
     def __call__(self, args):
         denoised = args["denoised"]
         i, total = self.step_index(args)
@@ -322,6 +339,8 @@ class HJBFaceGuidance:
         self._last_step = i
         if boxes_all is None:
             boxes_all = torch.tensor([[0, 0, lat_w * up, lat_h * up]])
+        elif self.face_boxes is not None:
+            self._check_mask_count(denoised)
         y0, y1, x0, x1 = hjb.latent_window(boxes_all, up, self.window_margin, lat_h, lat_w)
         n_latent_frames = denoised.shape[0]
         bar = comfy.utils.ProgressBar(self.iterations) if self.progress else None
@@ -330,6 +349,9 @@ class HJBFaceGuidance:
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         def frame_loss(frames, out_index):
+            if len(boxes_all) > 1 and int(out_index.max()) >= len(boxes_all):
+                raise ValueError(f"HJB Face Guidance: face_mask has {len(boxes_all)} masks but frame "
+                                 f"{int(out_index.max())} needs one; give one mask (every frame) or one per frame.")
             boxes = boxes_all[out_index % len(boxes_all)].clone()
             boxes[:, [0, 2]] -= x0 * up
             boxes[:, [1, 3]] -= y0 * up

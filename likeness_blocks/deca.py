@@ -257,14 +257,17 @@ def _torch_load_safe(path):
         raise first
 
 
-def load_deca_encoder(path, dtype=torch.float32):
-    """deca_model.tar (torch.save, zip or legacy format) or .safetensors -> DecaEncoder in eval mode.
+def load_deca_encoder(path, dtype=torch.float32, name=None):
+    """deca_model.tar (torch.save, zip or legacy format) or .safetensors -> DecaEncoder in eval mode. `path` may
+    also be the checkpoint dict already read (by a loader that reports file problems itself).
 
     Loaded with torch.load(weights_only=True): tensors and plain containers only."""
     import os
 
-    name = os.path.basename(str(path))
-    if str(path).lower().endswith(".safetensors"):
+    name = name or ("DECA checkpoint" if isinstance(path, dict) else os.path.basename(str(path)))
+    if isinstance(path, dict):
+        ckpt = path
+    elif str(path).lower().endswith(".safetensors"):
         from safetensors.torch import load_file
 
         ckpt = load_file(str(path))

@@ -96,8 +96,10 @@ def measure(template_like, vertices):
     return {name: (vertices.float() * wt).sum(dim=(-2, -1)) for name, wt in w.items()}
 
 
-def parse_coefficients(text, n_max):
-    """'0: 1.5, 3: -2' -> {0: 1.5, 3: -2.0}; empty text -> {}."""
+def parse_coefficients(text, n_max, where=""):
+    """'0: 1.5, 3: -2' -> {0: 1.5, 3: -2.0}; empty text -> {}. NaN/inf values are refused."""
+    from .finite import check_finite
+
     out = {}
     text = (text or "").strip()
     if not text:
@@ -115,6 +117,7 @@ def parse_coefficients(text, n_max):
             i, v = int(i), float(v)
         except ValueError:
             raise ValueError(f"shape_coefficients entry '{part}' is not 'index: value' with an integer index.") from None
+        check_finite(v, f"shape_coefficients' entry '{part}", where)
         if not 0 <= i < n_max:
             raise ValueError(f"shape_coefficients index {i} is outside 0..{n_max - 1} (the coefficients this model has).")
         out[i] = out.get(i, 0.0) + v

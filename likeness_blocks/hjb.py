@@ -27,6 +27,9 @@ def identity_loss(embeddings, reference):
     return (1.0 - F.cosine_similarity(embeddings, ref.expand_as(embeddings), dim=-1)).abs().mean()
 
 
+MIN_FACE_BOX = 2  # pixels: the smallest face box a crop can be resampled from
+
+
 def crop_faces(frames, boxes, size=112):
     """frames (F, 3, H, W), boxes (F, 4) integer x1, y1, x2, y2 in those frames' pixels ->
     (F, 3, size, size), bilinear. Differentiable in the frames."""
@@ -34,7 +37,7 @@ def crop_faces(frames, boxes, size=112):
     for frame, (x1, y1, x2, y2) in zip(frames, boxes.tolist()):
         x1, y1 = max(int(x1), 0), max(int(y1), 0)
         x2, y2 = min(int(x2), frame.shape[-1]), min(int(y2), frame.shape[-2])
-        if x2 - x1 < 2 or y2 - y1 < 2:
+        if x2 - x1 < MIN_FACE_BOX or y2 - y1 < MIN_FACE_BOX:
             raise ValueError(f"face box {x1, y1, x2, y2} is empty inside a {frame.shape[-1]}x{frame.shape[-2]} frame")
         crops.append(F.interpolate(frame[None, :, y1:y2, x1:x2], size=(size, size), mode="bilinear", align_corners=False))
     return torch.cat(crops)

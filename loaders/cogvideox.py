@@ -56,32 +56,50 @@ class CogVideoXExtras:
 
 # ---------------------------------------------------------------- files
 
-def _load_safetensors(path):
-    import comfy.utils
+def _load_safetensors(path, what="CogVideoX"):
+    from .safe_files import load_state_dict
 
-    return comfy.utils.load_torch_file(path, safe_load=True)
+    return load_state_dict(path, what, "Use the diffusers-format .safetensors weights of the model.")
+
+
+def _read_json(path, what="CogVideoX config"):
+    from .safe_files import reading
+
+    with reading(path, what, "Use the config.json that came with the weights."):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
 
 
 def _resolve_transformer_dir(path):
+    """The folder holding config.json. In a pipeline folder, transformer_ema/ wins over transformer/ when it
+    exists, as FantasyID's (and ConsisID's) infer.py chooses."""
+    from .model_folders import display_path
+
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    for sub in ("transformer", "transformer_ema"):
+    for sub in ("transformer_ema", "transformer"):
         cand = os.path.join(path, sub)
-        if os.path.isfile(os.path.join(cand, "config.json")):
+        if os.path.isdir(cand):
+            if not os.path.isfile(os.path.join(cand, "config.json")):
+                raise ValueError(f"'{display_path(cand)}' has no config.json: copy the release's config.json into it.")
+            if sub == "transformer_ema":
+                log.info("CogVideoX loader: using transformer_ema/ (EMA weights), as upstream inference does")
             return cand
-    raise ValueError(f"'{path}' is not a diffusers CogVideoX transformer folder: it has no config.json "
+    raise ValueError(f"'{display_path(path)}' is not a diffusers CogVideoX transformer folder: it has no config.json "
                      "(nor transformer/config.json). Point the loader at the folder that holds config.json and "
                      "diffusion_pytorch_model*.safetensors.")
 
 
 def _load_folder_weights(folder):
+    from .model_folders import display_path
+
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         bins = sorted(glob.glob(os.path.join(folder, "*.bin")))
         if bins:
-            raise ValueError(f"'{folder}' holds only .bin weights; convert them to .safetensors "
+            raise ValueError(f"'{display_path(folder)}' holds only .bin weights; convert them to .safetensors "
                              "(pickled .bin files are not loaded, for safety).")
-        raise ValueError(f"'{folder}' has no .safetensors weights.")
+        raise ValueError(f"'{display_path(folder)}' has no .safetensors weights.")
     sd = {}
     for f in files:
         sd.update(_load_safetensors(f))
@@ -236,18 +254,18 @@ def read_transformer(path):
     """(diffusers config, state dict, source description) from a folder or single file."""
     if os.path.isdir(path):
         folder = _resolve_transformer_dir(path)
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
+        cfg = _read_json(os.path.join(folder, "config.json"))
         return cfg, _from_native_layout(_strip_prefix(_load_folder_weights(folder)), folder), folder
+    from .model_folders import display_path
+
     if not os.path.isfile(path):
-        raise ValueError(f"CogVideoX transformer '{path}' does not exist.")
+        raise ValueError(f"CogVideoX transformer '{display_path(path)}' does not exist.")
     if not path.endswith((".safetensors", ".sft")):
-        raise ValueError(f"'{path}': only .safetensors single files are loaded (safe loading).")
+        raise ValueError(f"'{display_path(path)}': only .safetensors single files are loaded (safe loading).")
     sd = _from_native_layout(_strip_prefix(_load_safetensors(path)), path)
     side_cfg = os.path.splitext(path)[0] + ".json"
     if os.path.isfile(side_cfg):
-        with open(side_cfg, encoding="utf-8") as f:
-            cfg = json.load(f)
+        cfg = _read_json(side_cfg)
     else:
         cfg = infer_transformer_config({k: v for k, v in sd.items() if not k.startswith(FACE_MODULE_PREFIXES)})
     return cfg, sd, path
@@ -396,24 +414,24 @@ def make_vae(diffusers_vae, device=None, dtype=None):
 def load_vae(path, dtype=None, diffusers_tiling=False):
     from diffusers import AutoencoderKLCogVideoX
 
+    from .model_folders import display_path
+
     if os.path.isdir(path):
         folder = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(path, "vae")
         if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise ValueError(f"'{path}' is not a diffusers CogVideoX VAE folder (no config.json).")
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
+            raise ValueError(f"'{display_path(path)}' is not a diffusers CogVideoX VAE folder (no config.json).")
+        cfg = _read_json(os.path.join(folder, "config.json"), "CogVideoX VAE config")
         sd = _load_folder_weights(folder)
     else:
         if not path.endswith((".safetensors", ".sft")):
-            raise ValueError(f"'{path}': only .safetensors VAE files are loaded (safe loading).")
-        sd = _load_safetensors(path)
+            raise ValueError(f"'{display_path(path)}': only .safetensors VAE files are loaded (safe loading).")
+        sd = _load_safetensors(path, "CogVideoX VAE")
         side = os.path.splitext(path)[0] + ".json"
         cfg = {}
         if os.path.isfile(side):
-            with open(side, encoding="utf-8") as f:
-                cfg = json.load(f)
+            cfg = _read_json(side, "CogVideoX VAE config")
         if "decoder.conv_in.conv.weight" not in sd or "encoder.conv_in.conv.weight" not in sd:
-            raise ValueError(f"'{path}' is not a diffusers-format CogVideoX VAE (no encoder/decoder conv_in.conv keys).")
+            raise ValueError(f"'{display_path(path)}' is not a diffusers-format CogVideoX VAE (no encoder/decoder conv_in.conv keys).")
     import inspect
 
     accepted = inspect.signature(AutoencoderKLCogVideoX.__init__).parameters

@@ -23,8 +23,11 @@ mixins.final_layer.norm_final / .linear               norm_out.norm / proj_out
 mixins.final_layer.adaLN_modulation.1                 norm_out.linear
 ====================================================  =================================================
 
-Dropped on purpose (no weights in diffusers): RoPE tables (``freqs_sin``/``freqs_cos``), fixed
-position embeddings, token embeddings. Anything else that did not map is reported by name.
+mixins.pos_embed.pos_embedding (learned, 5B-I2V)       patch_embed.pos_embedding (as THUDM's converter)
+
+Dropped on purpose (no weights in diffusers): RoPE tables (``freqs_sin``/``freqs_cos``), the unused
+``transformer.position_embeddings``, token embeddings. Both the dropped keys and anything else that did not map
+are reported by name (log and key report), never silently.
 """
 
 import logging
@@ -53,7 +56,8 @@ _LAYER = {
     "mlp.dense_h_to_4h": "ff.net.0.proj",
     "mlp.dense_4h_to_h": "ff.net.2",
 }
-_DROPPED = ("freqs_sin", "freqs_cos", "position_embedding", "pos_embedding", "embed_tokens", "word_embeddings")
+_EXACT = {"mixins.pos_embed.pos_embedding": "patch_embed.pos_embedding"}
+_DROPPED = ("freqs_sin", "freqs_cos", "transformer.position_embeddings", "embed_tokens", "word_embeddings")
 _RE_LAYER = re.compile(r"^transformer\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _RE_ADALN = re.compile(r"^mixins\.adaln_layer\.adaLN_modulations\.(\d+)\.1\.(weight|bias)$")
 _RE_QKNORM = re.compile(r"^mixins\.adaln_layer\.(query|key)_layernorm_list\.(\d+)\.(weight|bias)$")
@@ -75,13 +79,14 @@ class SatMapping:
         return "\n".join(lines)
 
 
-def unwrap_checkpoint(obj):
+def unwrap_checkpoint(obj, name="This file"):
     """The state dict inside a SAT / DeepSpeed checkpoint dict ('module', 'model' or 'state_dict')."""
     for key in ("module", "model", "state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError("This file does not hold a CogVideoX SAT state dict (expected tensors under 'module').")
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{name} does not hold a CogVideoX SAT state dict (expected tensors under 'module'): pick "
+                         "Concat-ID's mp_rank_00_model_states.pt or its .safetensors re-save.")
     return obj
 
 
@@ -93,6 +98,9 @@ def map_sat_to_diffusers(sat_sd):
             unmapped.append(full)
             continue
         k = full[len(SAT_PREFIX):]
+        if k in _EXACT:
+            out[_EXACT[k]] = v
+            continue
         done = False
         for src, dst in _DIRECT:
             if k.startswith(src):
@@ -134,27 +142,26 @@ def map_sat_to_diffusers(sat_sd):
 
 
 def read_sat_checkpoint(path):
-    """State dict of a SAT checkpoint: a .pt (torch.load with weights_only=True), a .safetensors file,
-    or a SAT folder (``latest`` names the iteration folder holding mp_rank_00_model_states.pt)."""
-    import comfy.utils
+    """State dict of a SAT checkpoint: a .pt (torch.load with weights_only=True; the numpy RNG state SAT saves
+    next to the weights is read through an allow-list of exactly numpy's RNG-state types), a .safetensors
+    file, or a SAT folder (``latest`` names the iteration folder holding mp_rank_00_model_states.pt)."""
+    from .model_folders import check_name, display_path
+    from .safe_files import load_state_dict
 
+    what = "Concat-ID CogVideoX checkpoint"
     if os.path.isdir(path):
         latest = os.path.join(path, "latest")
         if os.path.isfile(latest):
             with open(latest, encoding="utf-8") as f:
-                path = os.path.join(path, f.read().strip())
+                path = os.path.join(path, check_name(f.read().strip(), f"{what} ('latest' file)"))
         cand = os.path.join(path, "mp_rank_00_model_states.pt")
         if not os.path.isfile(cand):
-            raise ValueError(f"'{path}' is not a SAT checkpoint folder (no 'latest' file / mp_rank_00_model_states.pt).")
+            raise ValueError(f"'{display_path(path)}' is not a SAT checkpoint folder (no 'latest' file / "
+                             "mp_rank_00_model_states.pt).")
         path = cand
-    if path.endswith((".safetensors", ".sft")):
-        return comfy.utils.load_torch_file(path, safe_load=True)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickles with objects other than tensors/containers are refused
-        raise ValueError(f"'{path}' could not be loaded safely (torch.load weights_only=True): {e}. Re-save its "
-                         "'module' state dict as .safetensors and load that.") from e
-    return unwrap_checkpoint(obj)
+    obj = load_state_dict(path, what, "Use Concat-ID's mp_rank_00_model_states.pt or its 'module' state dict "
+                          "re-saved as .safetensors.", allow_numpy_rng=True)
+    return unwrap_checkpoint(obj, f"'{display_path(path)}'")
 
 
 def load_sat_transformer(path, weight_dtype="default"):
@@ -169,7 +176,9 @@ def load_sat_transformer(path, weight_dtype="default"):
     mapping = map_sat_to_diffusers(read_sat_checkpoint(path))
     sd = dict(mapping.state_dict)
     if "patch_embed.proj.weight" not in sd:
-        raise ValueError(f"'{path}' has no 'model.diffusion_model.mixins.patch_embed.proj.weight': it is not a CogVideoX "
+        from .model_folders import display_path
+
+        raise ValueError(f"'{display_path(path)}' has no 'model.diffusion_model.mixins.patch_embed.proj.weight': it is not a CogVideoX "
                          "SAT transformer checkpoint.")
     side = os.path.splitext(path.rstrip("/\\"))[0] + ".json"
     if os.path.isfile(side):
@@ -180,6 +189,8 @@ def load_sat_transformer(path, weight_dtype="default"):
     if mapping.unmapped:
         log.warning("CogVideoX SAT loader: %d keys did not map: %s", len(mapping.unmapped),
                     ", ".join(mapping.unmapped[:20]))
+    if mapping.dropped:
+        log.info("CogVideoX SAT loader: dropped on purpose (no diffusers weight): %s", ", ".join(mapping.dropped[:20]))
     mp = build_model_patcher(cfg, sd, WEIGHT_DTYPES[weight_dtype], source=path)
     extras = mp.model.likeness_extras
     if extras is not None:

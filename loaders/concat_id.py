@@ -13,7 +13,6 @@ import re
 import torch
 
 import comfy.sd
-import comfy.utils
 
 from ..adapters.wan import ConcatIdAdaLNWeights
 
@@ -84,17 +83,23 @@ def split_concat_id_state_dict(sd):
 
 def load_concat_id(path, model_options=None):
     """Loads a Concat-ID Wan file → (MODEL ModelPatcher, ConcatIdWeights)."""
-    sd = comfy.utils.load_torch_file(path, safe_load=True)
-    if not isinstance(sd, dict) or not sd:
-        raise ValueError(f"{path} holds no state dict; expected Concat-ID's first_stage.pt or second_stage_adaln.pt.")
+    from .model_folders import display_path
+    from .safe_files import load_state_dict, require_state_dict
+
+    what = "Concat-ID Wan Loader: concat_id_name"
+    fix = "Use Concat-ID's first_stage.pt or second_stage_adaln.pt (HF yongzhong/Concat-ID-Wan)."
+    sd = require_state_dict(load_state_dict(path, what, fix), path, what, fix)
+    for key in ("state_dict", "module"):  # training wrappers around the state dict
+        if isinstance(sd.get(key), dict) and len(sd) <= 4:
+            sd = sd[key]
     wan, adaln = split_concat_id_state_dict(sd)
     if "head.modulation" not in wan or "patch_embedding.weight" not in wan:
         raise ValueError(
-            f"{path} is not a Wan 2.1 state dict (no head.modulation / patch_embedding.weight); expected Concat-ID's "
-            "first_stage.pt or second_stage_adaln.pt."
+            f"{what}: '{display_path(path)}' is not a Wan 2.1 state dict (no head.modulation / patch_embedding.weight); "
+            "it is a different model. " + fix
         )
     model = comfy.sd.load_diffusion_model_state_dict(wan, model_options=model_options or {})
     if model is None:
-        raise RuntimeError(f"ComfyUI could not detect the Wan model in {path}.")
+        raise RuntimeError(f"{what}: ComfyUI could not detect the Wan model in '{display_path(path)}'.")
     variant = "adaln" if adaln is not None else "first_stage"
-    return model, ConcatIdWeights(variant, adaln, source=str(path))
+    return model, ConcatIdWeights(variant, adaln, source=display_path(path))

@@ -171,56 +171,68 @@ def _materialize_meta_buffers(module: nn.Module) -> None:
                 m._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device="cpu")
 
 
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """A .safetensors file, a diffusers folder of shards, or a torch file (weights_only)."""
-    if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not files:
-            files = sorted(f for f in os.listdir(path) if f.endswith(".bin"))
-        if not files:
-            raise FileNotFoundError(
-                f"no .safetensors or .bin weights in {path}; point at FantasyID's transformer/ folder."
-            )
-        sd = {}
-        for f in files:
-            sd.update(read_state_dict(os.path.join(path, f)))
-        return sd
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def _weight_files(path: str):
+    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".sft")))
+    if not files:
+        files = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")))
+    if not files:
+        from .model_folders import display_path
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(
+            f"no .safetensors or .bin weights in '{display_path(path)}'; point at FantasyID's transformer/ folder."
+        )
+    return files
+
+
+def _transformer_folder(path: str) -> str:
+    """A release folder -> its transformer_ema/ when present, else transformer/ (FantasyID's infer.py makes the same
+    choice); a folder that itself holds weights is used as it is."""
+    if any(f.endswith((".safetensors", ".sft", ".bin")) for f in os.listdir(path)):
+        return path
+    for sub in ("transformer_ema", "transformer"):
+        if os.path.isdir(os.path.join(path, sub)):
+            return os.path.join(path, sub)
+    return path
+
+
+def read_state_dict(path: str, what: str = "FantasyID weights") -> Dict[str, torch.Tensor]:
+    """A .safetensors file, a diffusers folder of shards, or a torch file (weights_only)."""
+    from .safe_files import load_state_dict, require_state_dict
+
+    if os.path.isdir(path):
+        sd = {}
+        for f in _weight_files(path):
+            sd.update(read_state_dict(os.path.join(path, f), what))
+        return sd
+    return require_state_dict(load_state_dict(path, what, "Use the released file."), path, what)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # for the nodes: face-module keys only (the 5B transformer's other weights are not read), transform.pkl cache
 # ---------------------------------------------------------------------------------------------------------------------
-def read_face_state_dict(path: str) -> Dict[str, torch.Tensor]:
+def read_face_state_dict(path: str, what: str = "Load FantasyID: face_modules") -> Dict[str, torch.Tensor]:
     """Only the face-module tensors of a FantasyID transformer file/folder (.safetensors read lazily)."""
+    from .safe_files import load_state_dict, reading, require_state_dict
+
     if os.path.isdir(path):
-        sub = os.path.join(path, "transformer")
-        if os.path.isdir(sub) and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
-            path = sub
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) or sorted(
-            f for f in os.listdir(path) if f.endswith(".bin"))
-        if not files:
-            raise FileNotFoundError(f"no .safetensors or .bin weights in {path}; point at FantasyID's transformer/ folder.")
+        path = _transformer_folder(path)
         sd = {}
-        for f in files:
-            sd.update(read_face_state_dict(os.path.join(path, f)))
+        for f in _weight_files(path):
+            sd.update(read_face_state_dict(os.path.join(path, f), what))
         return sd
+    fix = "Use FantasyID's transformer weights (diffusion_pytorch_model*.safetensors)."
     if path.endswith((".safetensors", ".sft")):
         from safetensors import safe_open
 
         out = {}
-        with safe_open(path, framework="pt", device="cpu") as fh:
+        with reading(path, what, fix), safe_open(path, framework="pt", device="cpu") as fh:
             for k in fh.keys():
                 name = k[len("transformer."):] if k.startswith("transformer.") else k
                 if name.startswith(FACE_PREFIXES):
                     out[name] = fh.get_tensor(k)
         return out
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v for k, v in sd.items() if k.startswith(FACE_PREFIXES)}
+    sd = require_state_dict(load_state_dict(path, what, fix), path, what, fix)
+    return {k: v for k, v in sd.items() if isinstance(k, str) and k.startswith(FACE_PREFIXES)}
 
 
 _MESH_CACHE: Dict[tuple, tuple] = {}
@@ -236,7 +248,11 @@ def mesh_data_cached(transform_path: str, num_levels: int, seq_length: int):
     if hit is None:
         if len(_MESH_CACHE) > 4:
             _MESH_CACHE.clear()
-        hit = mesh_data_for_network(load_transform_pkl(transform_path), num_levels=num_levels, seq_length=seq_length)
+        from .safe_files import reading
+
+        with reading(transform_path, "Load FantasyID: transform", "Use FantasyID's assets/transform.pkl."):
+            transform = load_transform_pkl(transform_path)
+        hit = mesh_data_for_network(transform, num_levels=num_levels, seq_length=seq_length)
         _MESH_CACHE[key] = hit
     return hit
 

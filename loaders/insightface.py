@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from .model_folders import model_folder_paths
+from .model_folders import check_name, display_path, model_folder_paths
 
 log = logging.getLogger("likeness")
 
@@ -69,8 +69,10 @@ def resolve_pack_dir(name):
     Accepted: <root>/models/<name> (correct), <root>/models/<name>/<name> (the nested
     antelopev2/antelopev2 that unzipping creates) and <root>/<name> (the "models" level missing).
     """
-    if not name or os.sep in name or "/" in name or name in (".", ".."):
-        raise ValueError(f"InsightFace pack name {name!r} is not a folder name; pick a pack from the list.")
+    check_name(name, "Load InsightFace: model_name")
+    if os.sep in name or "/" in name or "\\" in name:
+        raise ValueError(f"Load InsightFace: model_name {name[:120]!r} is refused: it is not a folder name; pick a "
+                         "pack from the list.")
     roots = insightface_roots()
     if not roots:
         raise RuntimeError("No 'insightface' model folder is registered with ComfyUI. " + EXPECTED_LAYOUT)
@@ -80,12 +82,13 @@ def resolve_pack_dir(name):
         candidates = [
             (correct, None),
             (os.path.join(correct, name),
-             f"The {name} files are one folder too deep ({os.path.join(correct, name)}), the usual result of "
-             f"unzipping {name}.zip inside {correct}. Likeness uses them there; to fix it for every tool, move the "
-             f".onnx files up into {correct} and delete the empty inner folder."),
+             f"The {name} files are one folder too deep ({display_path(os.path.join(correct, name))}), the usual "
+             f"result of unzipping {name}.zip inside {display_path(correct)}. Likeness uses them there; to fix it for "
+             f"every tool, move the .onnx files up into {display_path(correct)} and delete the empty inner folder."),
             (os.path.join(root, name),
-             f"The {name} pack is in {os.path.join(root, name)} but belongs in {correct}. Likeness uses it there; "
-             f"other InsightFace tools will not find it until you move the folder into {os.path.join(root, 'models')}."),
+             f"The {name} pack is in {display_path(os.path.join(root, name))} but belongs in {display_path(correct)}. "
+             "Likeness uses it there; other InsightFace tools will not find it until you move the folder into "
+             f"{display_path(os.path.join(root, 'models'))}."),
         ]
         for path, note in candidates:
             searched.append(path)
@@ -96,13 +99,14 @@ def resolve_pack_dir(name):
         correct = os.path.join(root, "models", name)
         for z in (os.path.join(root, "models", name + ".zip"), os.path.join(root, name + ".zip"), os.path.join(correct, name + ".zip")):
             if os.path.isfile(z):
-                hints.append(f"Found {z}: unzip it so the .onnx files end up in {correct}.")
+                hints.append(f"Found {display_path(z)}: unzip it so the .onnx files end up in {display_path(correct)}.")
         if os.path.isdir(correct):
             inside = sorted(os.listdir(correct))
-            hints.append(f"{correct} exists but holds no .onnx file (it holds: {inside[:10] or 'nothing'}).")
+            hints.append(f"{display_path(correct)} exists but holds no .onnx file (it holds: {inside[:10] or 'nothing'}).")
     available = list_packs()
     raise FileNotFoundError(
-        f"InsightFace pack '{name}' was not found. Looked for .onnx files in: {', '.join(searched)}. "
+        f"InsightFace pack '{name}' was not found. Looked for .onnx files in: "
+        f"{', '.join(display_path(p) for p in searched)}. "
         + " ".join(hints) + " " + EXPECTED_LAYOUT
         + (f" Packs found: {', '.join(available)}." if available else " No pack is installed yet.")
     )
@@ -177,7 +181,7 @@ class InsightFacePack:
     def describe(self):
         p = self.providers
         lines = [
-            f"pack {self.name} at {self.folder}",
+            f"pack {self.name} at {display_path(self.folder)}",
             f"detection: {os.path.basename(self.det.model_file)} on {_SHORT.get(p['detection'], p['detection'])}",
             f"recognition: {os.path.basename(self.rec.model_file)} on {_SHORT.get(p['recognition'], p['recognition'])}",
             f"requested provider: {self.requested}",
@@ -237,7 +241,9 @@ def load_pack(name, provider="auto"):
         try:
             model = model_zoo.get_model(path, providers=providers)
         except Exception as exc:  # a broken or foreign .onnx must not hide the others
-            problems.append(f"{os.path.basename(path)} could not be loaded ({type(exc).__name__}: {exc})")
+            from .safe_files import explain
+
+            problems.append(str(explain(exc, path, "InsightFace model")))
             continue
         task = getattr(model, "taskname", None)
         if task == "detection" and det is None:
@@ -252,7 +258,7 @@ def load_pack(name, provider="auto"):
         missing.append("a face recognition model (an ArcFace .onnx with a 1x3x112x112 input, such as glintr100.onnx or w600k_r50.onnx)")
     if missing:
         raise FileNotFoundError(
-            f"InsightFace pack '{name}' in {folder} lacks {' and '.join(missing)}. Files there: {', '.join(files)}. "
+            f"InsightFace pack '{name}' in {display_path(folder)} lacks {' and '.join(missing)}. Files there: {', '.join(files)}. "
             + (" Problems: " + "; ".join(problems) + "." if problems else "") + " " + EXPECTED_LAYOUT
         )
     if problems:
@@ -307,18 +313,18 @@ def list_arcface_sources():
 
 
 def _resolve_arcface_source(source):
+    check_name(source, "Load Differentiable ArcFace: source")
     key, _, rest = source.partition("/")
     if key == "insightface" and rest.endswith(".onnx"):
         pack, _, fname = rest.partition("/")
-        folder, _ = resolve_pack_dir(pack)
-        path = os.path.join(folder, fname)
-        if os.path.isfile(path):
-            return path
+        if pack and fname and "/" not in fname and "\\" not in fname:
+            folder, _ = resolve_pack_dir(pack)
+            path = os.path.join(folder, fname)
+            if os.path.isfile(path):
+                return path
     elif key in ("insightface", "stableanimator"):
         for root in model_folder_paths(key):
-            path = os.path.normpath(os.path.join(root, rest))
-            if os.path.commonpath([os.path.abspath(root), os.path.abspath(path)]) != os.path.abspath(root):
-                continue
+            path = os.path.join(root, rest)  # check_name refused '..' and absolute parts: stays inside root
             if os.path.isfile(path):
                 return path
     raise FileNotFoundError(
@@ -331,8 +337,6 @@ def _resolve_arcface_source(source):
 
 def load_arcface_torch(source):
     """ARCFACE_TORCH from a pack's recognition ONNX or an iresnet state dict (safe loading only)."""
-    import torch
-
     from ..likeness_blocks.arcface import arcface_from_iresnet_state_dict, arcface_from_onnx
 
     path = _resolve_arcface_source(source)
@@ -341,7 +345,16 @@ def load_arcface_torch(source):
             import onnx
         except ImportError as exc:
             raise RuntimeError(f"Converting an ONNX recogniser needs the 'onnx' package ({exc}). `python -m pip install onnx`.") from exc
-        model = onnx.load(path)
+        from .safe_files import reading
+
+        with reading(path, "Load Differentiable ArcFace: source", "Pick the pack's recognition .onnx (glintr100.onnx "
+                     "in antelopev2, w600k_r50.onnx in buffalo_l)."):
+            model = onnx.load(path)
+        if not len(model.graph.input) or not len(model.graph.node):
+            from .safe_files import BadModelFile
+
+            raise BadModelFile(f"Load Differentiable ArcFace: source: '{display_path(path)}' is not an ONNX model "
+                               "(no graph: truncated or a different format). Download the pack again.")
         dims = [d.dim_value if d.dim_value > 0 else d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
         if len(dims) != 4 or dims[1] != 3 or dims[2] != dims[3] or not isinstance(dims[2], int) or dims[2] < 112:
             raise ValueError(
@@ -349,18 +362,10 @@ def load_arcface_torch(source):
                 "Pick the pack's recognition file (glintr100.onnx in antelopev2, w600k_r50.onnx in buffalo_l)."
             )
         return arcface_from_onnx(model, name=source)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    from .safe_files import load_state_dict
 
-        sd = load_file(path)
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(
-                f"{source} could not be loaded safely (weights_only=True): {exc}. Only plain state dicts are accepted; "
-                "re-save it with torch.save(model.state_dict(), path) or convert it to .safetensors."
-            ) from exc
+    sd = load_state_dict(path, "Load Differentiable ArcFace: source",
+                         "Only plain iresnet state dicts (StableAnimator's glintr100_torch.pth) or .safetensors load.")
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):

@@ -29,19 +29,15 @@ class StableAnimatorWeights:
 
 
 def load_file(path, what):
-    import comfy.utils
+    from .safe_files import load_state_dict, require_state_dict
 
+    what = f"StableAnimator {what}"
+    fix = ("Use the released .pth from FrancisRing/StableAnimator (Animation/) or a .safetensors conversion of it.")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"StableAnimator {what}: file not found: {path}")
-    try:
-        sd = comfy.utils.load_torch_file(path, safe_load=True)
-    except Exception as exc:  # pickle with disallowed globals, truncated file, ...
-        raise RuntimeError(f"StableAnimator {what}: could not load {os.path.basename(path)} safely ({exc}). "
-                           "Use the released .pth from FrancisRing/StableAnimator (Animation/) or a .safetensors "
-                           "conversion of it.") from exc
-    if not isinstance(sd, dict) or not sd:
-        raise ValueError(f"StableAnimator {what}: {os.path.basename(path)} holds no state dict.")
-    return sd
+        from .model_folders import display_path
+
+        raise FileNotFoundError(f"{what}: file not found: {display_path(path)}")
+    return require_state_dict(load_state_dict(path, what, fix), path, what, fix)
 
 
 # --------------------------------------------------------------------------------------------- UNet keys

@@ -60,13 +60,10 @@ def _list_models(kind):
     return sorted(found)
 
 
-def _resolve(kind, name):
-    for root in _roots(kind):
-        path = os.path.join(root, name.rstrip("/"))
-        if os.path.exists(path):
-            return path
-    raise ValueError(f"'{name}' was not found in models/{kind} or models/{COG_FOLDER}; refresh the node list "
-                     "(press R) or check the file is there.")
+def _resolve(kind, name, what="CogVideoX model"):
+    from ..loaders.model_folders import resolve_in_roots
+
+    return resolve_in_roots(_roots(kind), name, what, f"models/{kind} or models/{COG_FOLDER}", allow_dirs=True)
 
 
 # ---------------------------------------------------------------- nodes
@@ -99,7 +96,7 @@ class LikenessLoadCogVideoX(io.ComfyNode):
     def execute(cls, model_name, weight_dtype="default"):
         from ..loaders.cogvideox import load_transformer
 
-        return io.NodeOutput(load_transformer(_resolve("diffusion_models", model_name), weight_dtype))
+        return io.NodeOutput(load_transformer(_resolve("diffusion_models", model_name, "Load CogVideoX: model_name"), weight_dtype))
 
 
 class LikenessLoadCogVideoXVAE(io.ComfyNode):
@@ -124,7 +121,7 @@ class LikenessLoadCogVideoXVAE(io.ComfyNode):
     def execute(cls, vae_name, diffusers_tiling=False):
         from ..loaders.cogvideox import load_vae
 
-        return io.NodeOutput(load_vae(_resolve("vae", vae_name), diffusers_tiling=diffusers_tiling))
+        return io.NodeOutput(load_vae(_resolve("vae", vae_name, "Load CogVideoX VAE: vae_name"), diffusers_tiling=diffusers_tiling))
 
 
 def t5_tokens_226(clip, text):
@@ -278,16 +275,16 @@ class LikenessCogVideoXLoraLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength=1.0):
-        import comfy.utils
-        import folder_paths
-
         from ..loaders.cogvideox import apply_lora, get_extras
+        from ..loaders.model_folders import resolve_file
+        from ..loaders.safe_files import load_state_dict
 
+        path = resolve_file("loras", lora_name, "CogVideoX LoRA Loader: lora_name")
         if get_extras(model) is None:
             raise ValueError("'model' is not a CogVideoX model from 'Load CogVideoX'; use the stock LoRA loader for other models.")
         if strength == 0:
             return io.NodeOutput(model)
-        lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", lora_name), safe_load=True)
+        lora = load_state_dict(path, "CogVideoX LoRA Loader: lora_name", "Pick a CogVideoX LoRA (.safetensors).")
         patched, _n = apply_lora(model, lora, strength)
         return io.NodeOutput(patched)
 

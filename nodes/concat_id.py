@@ -43,16 +43,16 @@ class ConcatIDLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, concat_id_name, weight_dtype="default") -> io.NodeOutput:
-        import folder_paths
-
         from ..loaders.concat_id import load_concat_id
+        from ..loaders.model_folders import resolve_file
 
         opts = {}
         dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn,
                   "fp8_e5m2": torch.float8_e5m2}
         if weight_dtype in dtypes:
             opts["dtype"] = dtypes[weight_dtype]
-        path = folder_paths.get_full_path_or_raise("concat_id", concat_id_name)
+        path = resolve_file("concat_id", concat_id_name, "Concat-ID Wan Loader: concat_id_name",
+                            "Put Concat-ID's first_stage.pt or second_stage_adaln.pt in models/concat_id.")
         model, weights = load_concat_id(path, model_options=opts)
         return io.NodeOutput(model, weights)
 
@@ -95,6 +95,18 @@ class ConcatIDPrepareReference(io.ComfyNode):
         if image.ndim != 4 or image.shape[-1] < 3:
             raise ValueError(f"'image' must be an IMAGE batch (N, H, W, 3), got shape {tuple(image.shape)}.")
         n, ih, iw = image.shape[:3]
+        sizes = list(getattr(face_embeds, "image_sizes", None) or [])
+        if sizes and len(sizes) != n:
+            raise ValueError(
+                f"face_embeds were made from {len(sizes)} image(s) but 'image' has {n}: connect the same IMAGE to "
+                "ArcFace Embed and to this node."
+            )
+        for i, hw in enumerate(sizes):
+            if (int(hw[0]), int(hw[1])) != (ih, iw):
+                raise ValueError(
+                    f"face_embeds were detected on a {int(hw[1])}x{int(hw[0])} image but image {i} is {iw}x{ih}: they "
+                    "come from another image. Connect the same IMAGE to ArcFace Embed and to this node."
+                )
         if mask is not None:
             if mask.ndim == 2:
                 mask = mask[None]

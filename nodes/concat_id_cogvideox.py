@@ -37,11 +37,11 @@ class ConcatIDCogVideoXLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, checkpoint, weight_dtype="default") -> io.NodeOutput:
-        import folder_paths
-
         from ..loaders.cogvideox_sat import load_sat_transformer
+        from ..loaders.model_folders import resolve_file
 
-        path = folder_paths.get_full_path_or_raise("concat_id", checkpoint)
+        path = resolve_file("concat_id", checkpoint, "Concat-ID CogVideoX Loader: checkpoint",
+                            "Put Concat-ID's SAT checkpoint (mp_rank_00_model_states.pt) in models/concat_id.")
         model, mapping = load_sat_transformer(path, weight_dtype)
         return io.NodeOutput(model, mapping.report())
 

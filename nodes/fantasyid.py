@@ -35,12 +35,9 @@ def _files(exts):
 
 
 def _path(name, what, hint):
-    import folder_paths
+    from ..loaders.model_folders import resolve_file
 
-    path = folder_paths.get_full_path(FOLDER, name)
-    if path is None or not os.path.exists(path):
-        raise FileNotFoundError(f"{what} '{name}' is not in models/{FOLDER}: {hint}")
-    return path
+    return resolve_file(FOLDER, name, what, hint)
 
 
 def _device():
@@ -104,8 +101,10 @@ class LikenessLoadFantasyID(io.ComfyNode):
         if not transform:
             raise ValueError("Load FantasyID: no transform.pkl chosen; put FantasyID's assets/transform.pkl in "
                              "models/fantasyid and refresh (R).")
-        tpath = _path(transform, "transform file", "copy FantasyID's assets/transform.pkl there.")
+        tpath = _path(transform, "Load FantasyID: transform", "Copy FantasyID's assets/transform.pkl there.")
         interval = None
+        if face_modules != FROM_MODEL:
+            source = _path(face_modules, "Load FantasyID: face_modules", "Put FantasyID's transformer weights there.")
         if face_modules == FROM_MODEL:
             extras = get_extras(model) if model is not None else None
             if extras is None or not extras.face_state_dict:
@@ -117,7 +116,6 @@ class LikenessLoadFantasyID(io.ComfyNode):
             sd, source = extras.face_state_dict, extras.source
             interval = extras.extra_config.get("cross_attn_interval")
         else:
-            source = _path(face_modules, "face-module file", "put FantasyID's transformer weights there.")
             sd = read_face_state_dict(source)
         return io.NodeOutput(load_fantasyid(sd, tpath, dtype=DTYPES[dtype], cross_attn_interval=interval,
                                             source=os.path.basename(str(source))))
@@ -147,8 +145,8 @@ class LikenessLoadEvaClip(io.ComfyNode):
         from ..likeness_blocks.fantasyid.eva_clip import load_eva_visual
         from ..loaders.fantasyid import read_state_dict
 
-        path = _path(eva_clip, "EVA02-CLIP file", "copy FantasyID's face_encoder/EVA02_CLIP_L_336_psz14_s6B.pt there.")
-        model, _cfg = load_eva_visual(read_state_dict(path), DTYPES[dtype])
+        path = _path(eva_clip, "Load EVA02-CLIP: eva_clip", "Copy FantasyID's face_encoder/EVA02_CLIP_L_336_psz14_s6B.pt there.")
+        model, _cfg = load_eva_visual(read_state_dict(path, "Load EVA02-CLIP: eva_clip"), DTYPES[dtype])
         return io.NodeOutput(model)
 
 

@@ -199,7 +199,7 @@ class LikenessFlameShapeEdit(io.ComfyNode):
         for name, value in values.items():
             if value and name in deca_flame.sliders:
                 delta += float(value) * deca_flame.sliders[name]["direction"][:n].cpu()
-        for i, val in parse_coefficients(shape_coefficients, n).items():
+        for i, val in parse_coefficients(shape_coefficients, n, where="FLAME Shape Edit").items():
             delta[i] += val
         b = v.shape[0]
         dev = flame.v_template.device
@@ -316,24 +316,27 @@ class LikenessLoadFlamePly(io.ComfyNode):
     def _path(cls, ply):
         import folder_paths
 
-        path = os.path.join(folder_paths.get_input_directory(), ply or "")
-        if not ply or not os.path.isfile(path):
-            raise ValueError(f"The .ply file '{ply}' is not in ComfyUI's input folder; copy it there and pick it.")
-        return path
+        from ..loaders.model_folders import resolve_in_roots
+
+        return resolve_in_roots([folder_paths.get_input_directory()], ply, "Load FLAME Ply: ply",
+                                "ComfyUI's input folder", hint="Copy the .ply into the input folder and pick it.")
 
     @classmethod
     def fingerprint_inputs(cls, ply):
         try:
             return os.path.getmtime(cls._path(ply))
-        except ValueError:
+        except (ValueError, OSError):
             return float("nan")
 
     @classmethod
     def execute(cls, ply):
         from ..likeness_blocks.flame import FlameVertices as FV
         from ..likeness_blocks.ply import read_ply
+        from ..loaders.safe_files import reading
 
-        verts, faces = read_ply(cls._path(ply))
+        path = cls._path(ply)
+        with reading(path, "Load FLAME Ply: ply", "Give a .ply point cloud (e.g. one written by Save FLAME Ply)."):
+            verts, faces = read_ply(path)
         return io.NodeOutput(FV(vertices=torch.from_numpy(verts)[None],
                                 faces=None if faces is None else torch.from_numpy(faces),
                                 meta={"source": ply}))

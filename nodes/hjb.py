@@ -65,7 +65,7 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
                 window_margin, frames_per_iteration, low_memory_decode=True, precision="auto", face_mask=None,
                 insightface=None):
         from ..adapters.sampler_hook import HJBFaceGuidance, apply_hjb
-        from ..likeness_blocks.hjb import boxes_from_masks
+        from ..likeness_blocks.hjb import MIN_FACE_BOX, boxes_from_masks
 
         if end_percent < start_percent:
             raise ValueError(f"end_percent ({end_percent}) is before start_percent ({start_percent}): swap them.")
@@ -83,6 +83,14 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
             boxes, present = boxes_from_masks(mask.float().cpu())
             if not bool(present.any()):
                 raise ValueError("face_mask is empty in every frame: paint the face region, or unplug it to use whole frames.")
+            sizes = boxes[:, 2:] - boxes[:, :2]
+            small = [i for i in range(len(boxes)) if bool(present[i]) and int(sizes[i].min()) < MIN_FACE_BOX]
+            if small:
+                w, h = (int(x) for x in sizes[small[0]])
+                raise ValueError(
+                    f"HJB Face Guidance: face_mask frame {small[0]} marks a face region of only {w}x{h} pixels (at least "
+                    f"{MIN_FACE_BOX}x{MIN_FACE_BOX} is needed; masks are at output resolution). Paint the whole face, "
+                    "or unplug face_mask to use detected boxes or whole frames.")
             # frames whose mask is empty keep the whole-frame box (upstream's fallback)
         hook = HJBFaceGuidance(vae, arcface, ref, boxes, iterations=iterations, eta=eta, strength=strength,
                                start_percent=start_percent, end_percent=end_percent, window_margin=window_margin,

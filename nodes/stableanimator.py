@@ -14,11 +14,10 @@ def _files():
 
 
 def _path(name, what):
-    path = folder_paths.get_full_path("stableanimator", name)
-    if path is None:
-        raise FileNotFoundError(f"Load StableAnimator: {what} file '{name}' is not in models/stableanimator. "
-                                "Put StableAnimator's Animation/unet.pth, face_encoder.pth and pose_net.pth there.")
-    return path
+    from ..loaders.model_folders import resolve_file
+
+    return resolve_file("stableanimator", name, f"Load StableAnimator: {what}",
+                        "Put StableAnimator's Animation/unet.pth, face_encoder.pth and pose_net.pth there.")
 
 
 class LikenessStableAnimatorLoader(io.ComfyNode):
@@ -52,8 +51,8 @@ class LikenessStableAnimatorLoader(io.ComfyNode):
     def execute(cls, model, unet, face_encoder, pose_net):
         from ..loaders.stableanimator import load_stableanimator
 
-        m, sa = load_stableanimator(model, _path(unet, "unet"), _path(face_encoder, "face encoder"),
-                                    _path(pose_net, "PoseNet"))
+        m, sa = load_stableanimator(model, _path(unet, "unet"), _path(face_encoder, "face_encoder"),
+                                    _path(pose_net, "pose_net"))
         return io.NodeOutput(m, sa, sa.report)
 
 

@@ -97,7 +97,7 @@ def test_wrong_files_give_clear_errors(files, L, tmp_path):
             return (print, ("pwned",))
 
     torch.save({"a": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(RuntimeError, match="could not load evil.pth safely"):
+    with pytest.raises(ValueError, match="'evil.pth' could not be loaded safely"):
         L.load_file(str(tmp_path / "evil.pth"), "unet")
 
 

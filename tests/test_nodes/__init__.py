@@ -130,8 +130,10 @@ class LikenessTestClipVisionOutput(io.ComfyNode):
 
 class LikenessTestNodes(ComfyExtension):
     async def get_node_list(self):
+        from .hardening import NODES as HARDENING_NODES
+
         return [LikenessTestTextConditioning, LikenessTestTinySVD, LikenessTestSVDConditioning,
-                LikenessTestFaceEmbeds, LikenessTestClipVisionOutput]
+                LikenessTestFaceEmbeds, LikenessTestClipVisionOutput, *HARDENING_NODES]
 
 
 async def comfy_entrypoint():
