@@ -58,7 +58,8 @@ def test_face_modules_load_from_transformer_checkpoint(fid, tmp_path):
         torch.testing.assert_close(f1, f2, atol=0, rtol=0)
         v1 = mods.vertex_reducer(mods.vertex_spiral_net(verts, f1))
         v2 = ref.vertex_reducer(ref.vertex_spiral_net(verts, f2))
-        torch.testing.assert_close(v1, v2, atol=0, rtol=0)
+        # not bit-equal: two module instances may take different kernels (seen: 7e-7); a wrong key is far off
+        torch.testing.assert_close(v1, v2, atol=1e-6, rtol=0)
     assert v1.shape == (1, 1, 64)  # 36 vertices -> 9 -> 3 -> 2 -> 1 tokens (strides 4, 4, 2, 2)
     state_keys = set(mods.state_dict())
     assert state_keys == {k for k in sd if k.startswith(fid.FACE_PREFIXES)}  # mesh data is not in the state dict
