@@ -303,7 +303,7 @@ def test_example_workflow_queued_from_the_editor_runs_on_tiny_files(editor, serv
     if stem == "likeness_face_identity_metrics":
         metrics = next(n for n in nodes.values() if n["type"] == "LikenessIdentityMetrics")
         text = hist["outputs"][str(metrics["id"])]["text"][0]
-        assert metrics["summary"] == text.replace(", ", "\n"), metrics
+        assert metrics["summary"] == text.replace(", ", "\n").replace("; ", "\n"), metrics
         assert metrics["summary_widget"] == metrics["summary"], metrics
         assert "similarity to reference 1.0000" in metrics["summary"], metrics
         assert metrics["images"] and metrics["imgs"] == 1, f"the metrics plot is not shown on the node: {metrics}"

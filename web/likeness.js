@@ -69,8 +69,9 @@ app.registerExtension({
       const onExecuted = nodeType.prototype.onExecuted;
       nodeType.prototype.onExecuted = function (output) {
         const r = onExecuted?.apply(this, arguments);
-        const text = (output?.text || []).join("\n");
-        if (text) showSummary(this, text.split(", ").join("\n"));
+        // text[0] is the summary; text[1] the JSON table for API users, too long for the node
+        const text = (output?.text || [])[0] || "";
+        if (text) showSummary(this, text.split(/, |; /).join("\n"));
         return r;
       };
     }
