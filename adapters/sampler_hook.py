@@ -56,6 +56,9 @@ def _checkpoint_resnet_blocks(module):
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+CPUINFO = "/proc/cpuinfo"  # where the CPU's flags are read (a module constant so tests can hand it a fake file)
+
+
 def cpuinfo_has_bf16(text):
     """Whether /proc/cpuinfo text lists AVX512-BF16 or AMX-BF16 among a CPU's flags (whole flag names only)."""
     for line in text.splitlines():
@@ -72,7 +75,7 @@ def _has_fast_bf16(device):
         return bool(torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8)
     if device.type == "cpu":
         try:
-            with open("/proc/cpuinfo") as f:
+            with open(CPUINFO) as f:
                 return cpuinfo_has_bf16(f.read())
         except OSError:
             return False

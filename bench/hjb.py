@@ -15,6 +15,13 @@ block shapes with --blocks of its 30 blocks.
         --iterations 3 --steps 25                  # the SVD-xt run of the issue (GPU)
 
 With --steps N every step is active (end_percent 1); upstream's default refines the first 21 of 25.
+
+The 'upstream' run is the plain upstream loop (every frame decoded whole at each iteration, SVD in upstream's chunks
+of 4), compared like with like by default: its decode runs in the same precision as ours (--precision, 'auto' resolved
+on this device) and with decoder gradient checkpointing on, as upstream runs HJB (`--gradient_checkpointing`; here on
+the SD-family decoder's resnet blocks, the blocks the pack checkpoints; Wan's causal VAE has none). So the ratio
+ours/upstream measures the latent window and the chunk-by-chunk backward only. `--upstream-as-released` runs the
+upstream loop as the release does instead (fp32 decode, which is what its pipeline uses) and the printout says so.
 """
 
 import argparse
@@ -31,16 +38,27 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 
 
-def plain_upstream_hook(vae, recognizer, reference, box, iterations, eta):
+def plain_upstream_hook(vae, recognizer, reference, box, iterations, eta, dtype=torch.float32, checkpointing=True):
     """StableAnimator's step as the notes describe it, written plainly: every frame decoded in full,
-    Adam on a detached fp32 x0, |1 - cos| on box crops resized to 112."""
+    Adam on a detached fp32 x0, |1 - cos| on box crops resized to 112. The decode runs under autocast in `dtype`
+    (fp32: none) and, with `checkpointing`, with the decoder's resnet blocks checkpointed."""
+    import contextlib
     import copy
 
+    from likeness_pack.adapters.sampler_hook import _checkpoint_resnet_blocks
+
     with torch.inference_mode(False):
-        dec = copy.deepcopy(vae.first_stage_model)
+        dec = copy.deepcopy(vae.first_stage_model).float()
         rec = copy.deepcopy(recognizer)
     for p in list(dec.parameters()) + list(rec.parameters()):
         p.requires_grad_(False)
+    if checkpointing:
+        _checkpoint_resnet_blocks(dec)
+
+    def decode(raw):
+        ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(raw.device.type, dtype=dtype)
+        with ctx:
+            return dec.decode(raw).float()
 
     def hook(args):
         sigmas = args["model_options"]["transformer_options"]["sample_sigmas"]
@@ -57,9 +75,9 @@ def plain_upstream_hook(vae, recognizer, reference, box, iterations, eta):
             for _ in range(iterations):
                 opt.zero_grad()
                 if z.ndim == 5:  # Wan [B, C, T, h, w] -> [B, 3, T, H, W]
-                    frames = vae.process_output(dec.decode(z * scale + shift))[0].permute(1, 0, 2, 3)
+                    frames = vae.process_output(decode(z * scale + shift))[0].permute(1, 0, 2, 3)
                 else:  # SVD: frames on the batch axis, decoded in upstream's chunks of 4 (decode_chunk_size)
-                    frames = torch.cat([vae.process_output(dec.decode(c * scale + shift)) for c in z.split(4)])
+                    frames = torch.cat([vae.process_output(decode(c * scale + shift)) for c in z.split(4)])
                 x1, y1, x2, y2 = box
                 crops = F.interpolate(frames[:, :, y1:y2, x1:x2], size=(112, 112), mode="bilinear", align_corners=False)
                 e = rec(crops)
@@ -103,7 +121,12 @@ def run_one(cfg):
                                                  precision=cfg["precision"]))
     elif cfg["mode"] == "upstream":
         model = model.clone()
-        model.set_model_sampler_post_cfg_function(plain_upstream_hook(vae, rec, ref, box, cfg["iterations"], 0.1))
+        from likeness_pack.adapters.sampler_hook import decode_dtype
+
+        device = torch.device(cfg["device"])
+        dtype = torch.float32 if cfg["upstream_as_released"] else decode_dtype(cfg["precision"], device)
+        model.set_model_sampler_post_cfg_function(plain_upstream_hook(
+            vae, rec, ref, box, cfg["iterations"], 0.1, dtype=dtype, checkpointing=not cfg["upstream_as_released"]))
     if cfg["model"] == "svd":  # SVD_img2vid conditioning: CLIP image embedding, init-image latent, micro-conditioning
         extra = {"motion_bucket_id": 127, "fps": 6, "augmentation_level": 0.0}
         cond = [[torch.randn(1, 1, 1024), {**extra, "concat_latent_image": torch.randn(1, 4, h // 8, w // 8)}]]
@@ -128,7 +151,12 @@ def run_one(cfg):
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = rss.peak / 2**30
-    return {"mode": cfg["mode"], "seconds": time.perf_counter() - t, "peak_gib": peak}
+    from likeness_pack.adapters.sampler_hook import decode_dtype
+
+    used = torch.float32 if cfg["mode"] == "upstream" and cfg["upstream_as_released"] else \
+        decode_dtype(cfg["precision"], torch.device(cfg["device"]))
+    return {"mode": cfg["mode"], "seconds": time.perf_counter() - t, "peak_gib": peak,
+            "decode_dtype": str(used).replace("torch.", "")}
 
 
 def run_hook_only(cfg):
@@ -219,13 +247,15 @@ def main():
     ap.add_argument("--margin", type=int, default=4)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="ours: the HJB decode's precision (auto: bf16 where the device has bf16 units)")
+    ap.add_argument("--upstream-as-released", action="store_true",
+                    help="the upstream run as released (fp32 decode, no decoder checkpointing) instead of like with like")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         print("RESULT " + json.dumps(run_one(json.loads(a.one))), flush=True)
         return
     base = {k: getattr(a, k) for k in ("device", "model", "face", "width", "height", "frames", "blocks", "steps",
-                                       "iterations", "margin", "precision")}
+                                       "iterations", "margin", "precision", "upstream_as_released")}
     results = {}
 
     def run_in_own_process(mode):
@@ -246,6 +276,10 @@ def main():
         results[mode] = run_in_own_process(mode)
         print(f"{mode:9s} {results[mode]['seconds']:8.1f} s   peak {results[mode]['peak_gib']:6.2f} GiB", flush=True)
     print(f"\nsettings: {base}")
+    if "upstream" in results:
+        print("upstream run: " + ("as released (fp32 decode, no decoder checkpointing)" if a.upstream_as_released else
+                                  f"like ours (decode in {results['upstream'].get('decode_dtype')}, as ours "
+                                  f"with --precision {a.precision} on this device; decoder resnet blocks checkpointed)"))
     off = results["off"]
     for mode in ("ours", "upstream"):
         if mode in results:

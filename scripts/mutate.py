@@ -37,7 +37,8 @@ T_FID_COG = ["tests/test_fantasyid_cogvideox.py::test_patched_blocks_match_plain
              "tests/test_fantasyid_cogvideox.py::test_block_range_interval_and_percent",
              "tests/test_fantasyid_cogvideox.py::test_cfg_sampling_both_branches_get_ids"]
 T_SPIRALS = ["tests/test_wiring_spirals.py", "tests/test_fantasyid_blocks.py"]
-T_HJB = ["tests/test_wiring_hjb.py", "tests/test_hjb.py"]
+# test_hjb's real-size VAE tests take many minutes on a CPU without bf16 units: left out here
+T_HJB = ["tests/test_wiring_hjb.py", "tests/test_hjb.py", "-k", "not reduced_precision and not upstream_chunks"]
 T_METRICS = ["tests/test_wiring_metrics.py", "tests/test_face_blocks.py::test_metrics_numbers"]
 T_FACE_ALIGN = ["tests/test_face_blocks.py"]
 

@@ -123,6 +123,22 @@ def test_cuda_bf16_units_from_capability(hook_mod, monkeypatch, capability, fast
         hook_mod._has_fast_bf16.cache_clear()
 
 
+@pytest.mark.parametrize("text, fast", [(INTEL_SPR, True), (INTEL_ICX, False)])
+def test_auto_precision_on_a_cpu_reads_its_flags(hook_mod, monkeypatch, tmp_path, text, fast):
+    """The CPU branch of the device query runs on a fake /proc/cpuinfo file (only the file is swapped)."""
+    (tmp_path / "cpuinfo").write_text(text)
+    monkeypatch.setattr(hook_mod, "CPUINFO", str(tmp_path / "cpuinfo"))
+    hook_mod._has_fast_bf16.cache_clear()
+    try:
+        assert hook_mod._has_fast_bf16(torch.device("cpu")) is fast
+        assert hook_mod.decode_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if fast else torch.float32)
+        monkeypatch.setattr(hook_mod, "CPUINFO", str(tmp_path / "missing"))
+        hook_mod._has_fast_bf16.cache_clear()
+        assert hook_mod._has_fast_bf16(torch.device("cpu")) is False  # unreadable: fp32, the exact computation
+    finally:
+        hook_mod._has_fast_bf16.cache_clear()
+
+
 def test_auto_precision_on_this_cpu_follows_its_cpuinfo(hook_mod):
     try:
         with open("/proc/cpuinfo") as f:
