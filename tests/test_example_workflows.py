@@ -142,3 +142,31 @@ def test_example_workflow_runs_through_the_api_on_tiny_files(server, stem):
     hist = server.run(ex.prompt, timeout=300)
     check_output(server, ex, hist)
     check_specific(server, stem, hist)
+
+
+def test_output_pixel_check_refuses_flat_and_frozen_videos():
+    """check_output's pixel check fails on a black frame and on a video whose frames are all one picture."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from support.example_tiny import check_pixels
+
+    rng = np.random.default_rng(0)
+
+    def webp(frames):
+        buf = io.BytesIO()
+        ims = [Image.fromarray(f) for f in frames]
+        ims[0].save(buf, "WEBP", save_all=True, append_images=ims[1:], lossless=True)
+        return Image.open(io.BytesIO(buf.getvalue()))
+
+    noise = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    check_pixels(webp(noise), "ok.webp")
+    with pytest.raises(AssertionError, match="flat colour"):
+        check_pixels(webp(noise[:2] + [np.zeros((32, 32, 3), np.uint8)]), "black.webp")
+    with pytest.raises(AssertionError, match="same picture"):
+        nudged = [noise[0].copy() for _ in range(3)]
+        for k, f in enumerate(nudged):
+            f[0, 0, 0] = k * 7  # one pixel apart, so the encoder keeps three frames
+        check_pixels(webp(nudged), "frozen.webp")
