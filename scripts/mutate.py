@@ -36,6 +36,9 @@ T_FID_BLOCKS = ["tests/test_fantasyid_blocks.py"]
 T_FID_COG = ["tests/test_fantasyid_cogvideox.py::test_patched_blocks_match_plain_torch_reference",
              "tests/test_fantasyid_cogvideox.py::test_block_range_interval_and_percent",
              "tests/test_fantasyid_cogvideox.py::test_cfg_sampling_both_branches_get_ids"]
+T_FID_INJ = ["tests/test_fantasyid_loader.py::test_injector_after_every_block_video_only",
+             "tests/test_fantasyid_loader.py::test_injector_strength_zero_and_block_range_and_token_slice",
+             "tests/test_fantasyid_loader.py::test_injector_hooks_on_tensor_blocks_and_removal"]
 T_SPIRALS = ["tests/test_wiring_spirals.py", "tests/test_fantasyid_blocks.py"]
 # test_hjb's real-size VAE tests take many minutes on a CPU without bf16 units: left out here
 T_HJB = ["tests/test_wiring_hjb.py", "tests/test_hjb.py", "-k", "not reduced_precision and not upstream_chunks"]
@@ -101,18 +104,18 @@ MUTANTS = [
     ("face_align.template_scale", "likeness_blocks/face_align.py", "size / 112.0", "size / 128.0", T_FACE_ALIGN),
     # --- FantasyID: ID tokens, spirals, layer-aware injection ---------------------------------------------------------
     ("fid.inject_strength_dropped", "adapters/layer_injection.py", "return hidden_states + self.strength * delta",
-     "return hidden_states + delta", T_FID_BLOCKS + T_FID_COG),
+     "return hidden_states + delta", T_FID_INJ + T_FID_BLOCKS + T_FID_COG),
     ("fid.module_index", "adapters/layer_injection.py", "idx = block_index // self.interval", "idx = block_index",
-     T_FID_BLOCKS + T_FID_COG),
+     T_FID_INJ + T_FID_BLOCKS + T_FID_COG),
     ("fid.block_end_inclusive", "adapters/layer_injection.py", "block_index >= self.block_end",
-     "block_index > self.block_end", T_FID_BLOCKS + T_FID_COG),
+     "block_index > self.block_end", T_FID_INJ + T_FID_BLOCKS + T_FID_COG),
     ("fid.video_slice_all", "adapters/layer_injection.py", "video = hidden_states[:, self.video_tokens]",
-     "video = hidden_states", T_FID_BLOCKS + T_FID_COG),
+     "video = hidden_states", T_FID_INJ + T_FID_BLOCKS + T_FID_COG),
     ("fid.la_scale", "likeness_blocks/fantasyid/layer_attention.py", "scale=self.dim_head ** -0.5",
-     "scale=self.dim_head ** -0.25", T_FID_BLOCKS + T_FID_COG),
+     "scale=self.dim_head ** -0.25", T_FID_INJ + T_FID_BLOCKS + T_FID_COG),
     ("fid.la_norm_dropped", "likeness_blocks/fantasyid/layer_attention.py",
      "x = self.norm1(id_tokens.to(hidden_states.dtype))", "x = id_tokens.to(hidden_states.dtype)",
-     T_FID_BLOCKS + T_FID_COG),
+     T_FID_INJ + T_FID_BLOCKS + T_FID_COG),
     ("fid.abstractor_cls_kept", "likeness_blocks/fantasyid/face_abstractor.py", "ctx = mapping(h)[:, 1:]",
      "ctx = mapping(h)[:, :-1]", T_FID_BLOCKS),
     ("fid.abstractor_pos_once", "likeness_blocks/fantasyid/face_abstractor.py", "        for i in idx:\n",

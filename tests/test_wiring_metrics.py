@@ -104,6 +104,9 @@ def test_metrics_against_a_different_reference_and_the_current_face_box(face_nod
         assert row["inter_frame_similarity"] == (pytest.approx(want_ifs[t], abs=1e-4) if t in want_ifs else None), t
         assert row["face_motion"] == (pytest.approx(want_fm[t], rel=1e-5) if t in want_fm else None), t
     assert sim == pytest.approx(np.mean(list(want_sim.values())), abs=1e-4)
+    summary = json.loads(table)["summary"]
+    assert summary["similarity_to_reference_min"] == pytest.approx(min(want_sim.values()), abs=1e-4)
+    assert summary["frames_without_face_list"] == [3]
     assert ifs == pytest.approx(np.mean(list(want_ifs.values())), abs=1e-4)
     assert fm == pytest.approx(np.mean(list(want_fm.values())), rel=1e-5)
     # the scene can tell the wrong versions apart: the reference is unlike frame 0, faces change from frame to frame,
