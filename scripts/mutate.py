@@ -90,8 +90,10 @@ MUTANTS = [
     ("sa.perceiver_scale", "likeness_blocks/stableanimator.py", "s = self.dim_head ** -0.25", "s = self.dim_head ** -0.5",
      T_SA_BLOCKS),
     ("sa.encoder_norm_dropped", "likeness_blocks/stableanimator.py", "        x = self.norm(x)\n", "", T_SA_BLOCKS),
-    ("sa.uncond_gets_face", "adapters/svd.py", "id_k = torch.cat([zk if f == 1 else ik for f in flags])",
-     "id_k = torch.cat([ik for f in flags])", T_SA_SVD),
+    # (the face keys alone given to the unconditional chunk is an equivalent mutant: with its values zero, the face
+    # attention adds nothing whatever the keys; so the mutant gives it the face keys and values)
+    ("sa.uncond_gets_face", "adapters/svd.py", "zk, zv = torch.zeros_like(ik), torch.zeros_like(iv)",
+     "zk, zv = ik, iv", T_SA_SVD),
     ("sa.pose_on_uncond", "adapters/svd.py", "add = torch.cat([torch.zeros_like(lat) if f == 1 else lat for f in flags])",
      "add = torch.cat([lat for f in flags])", T_SA_SVD),
     ("sa.pose_wrong_block", "adapters/svd.py", 'transformer_options.get("block") != ("input", 0)',
