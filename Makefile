@@ -20,3 +20,8 @@ test: setup setup-browser
 
 bench: setup
 	$(PY) bench/import_time.py
+
+# mutation score of the identity paths (scripts/mutate.py; slow, not in CI)
+.PHONY: mutate
+mutate:
+	$(PY) scripts/mutate.py

@@ -56,18 +56,29 @@ def _checkpoint_resnet_blocks(module):
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+CPUINFO = "/proc/cpuinfo"  # where the CPU's flags are read (a module constant so tests can hand it a fake file)
+
+
+def cpuinfo_has_bf16(text):
+    """Whether /proc/cpuinfo text lists AVX512-BF16 or AMX-BF16 among a CPU's flags (whole flag names only)."""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags" and {"avx512_bf16", "amx_bf16"} & set(value.split()):
+            return True
+    return False
+
+
 @functools.lru_cache(maxsize=None)  # asked at every decode; /proc/cpuinfo once
 def _has_fast_bf16(device):
     """bf16 matrix units: CUDA from Ampere on; CPUs with AVX512-BF16 or AMX (oneDNN uses them)."""
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+        return bool(torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8)
     if device.type == "cpu":
         try:
-            with open("/proc/cpuinfo") as f:
-                flags = f.read()
+            with open(CPUINFO) as f:
+                return cpuinfo_has_bf16(f.read())
         except OSError:
             return False
-        return " avx512_bf16" in flags or " amx_bf16" in flags
     return False
 
 

@@ -15,9 +15,15 @@ block shapes with --blocks of its 30 blocks.
         --iterations 3 --steps 25                  # the SVD-xt run of the issue (GPU)
 
 With --steps N every step is active (end_percent 1); upstream's default refines the first 21 of 25.
---upstream-like-ours runs the upstream loop like for like with ours (the same decode precision, decoder gradient
-checkpointing as upstream's --gradient_checkpointing); --unet-dtype auto samples in the dtype ComfyUI picks (fp16 on
-a GPU). bench/gpu_suite.py runs the SVD-xt modes that way on a GPU.
+
+The 'upstream' run is the plain upstream loop (every frame decoded whole at each iteration, SVD in upstream's chunks
+of 4), compared like with like by default: its decode runs in the same precision as ours (--precision, 'auto' resolved
+on this device) and with decoder gradient checkpointing on, as upstream runs HJB (`--gradient_checkpointing`; here on
+the SD-family decoder's resnet blocks, the blocks the pack checkpoints; Wan's causal VAE has none). So the ratio
+ours/upstream measures the latent window and the chunk-by-chunk backward only. `--upstream-as-released` runs the
+upstream loop as the release does instead (fp32 decode, which is what its pipeline uses) and the printout says so.
+--unet-dtype auto samples in the dtype ComfyUI picks (fp16 on a GPU). bench/gpu_suite.py runs the SVD-xt modes like
+for like on a GPU.
 """
 
 import argparse
@@ -45,7 +51,7 @@ def plain_upstream_hook(vae, recognizer, reference, box, iterations, eta, precis
     from likeness_pack.adapters.sampler_hook import _checkpoint_resnet_blocks, decode_dtype
 
     with torch.inference_mode(False):
-        dec = copy.deepcopy(vae.first_stage_model)
+        dec = copy.deepcopy(vae.first_stage_model).float()
         rec = copy.deepcopy(recognizer)
     for p in list(dec.parameters()) + list(rec.parameters()):
         p.requires_grad_(False)
@@ -148,7 +154,12 @@ def run_one(cfg):
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = rss.peak / 2**30
-    return {"mode": cfg["mode"], "seconds": time.perf_counter() - t, "peak_gib": peak}
+    from likeness_pack.adapters.sampler_hook import decode_dtype
+
+    prec = cfg.get("upstream_precision", "fp32") if cfg["mode"] == "upstream" else cfg["precision"]
+    used = decode_dtype(prec, torch.device(cfg["device"]))
+    return {"mode": cfg["mode"], "seconds": time.perf_counter() - t, "peak_gib": peak,
+            "decode_dtype": str(used).replace("torch.", "")}
 
 
 UNET_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "auto": "auto"}
@@ -251,9 +262,8 @@ def main():
     ap.add_argument("--margin", type=int, default=4)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="ours: the HJB decode's precision (auto: bf16 where the device has bf16 units)")
-    ap.add_argument("--upstream-like-ours", action="store_true",
-                    help="upstream: decode in the same precision as ours, with gradient checkpointing of the decoder "
-                         "(upstream's --gradient_checkpointing); default: the plain fp32 loop")
+    ap.add_argument("--upstream-as-released", action="store_true",
+                    help="the upstream run as released (fp32 decode, no decoder checkpointing) instead of like with like")
     ap.add_argument("--unet-dtype", default="fp32", choices=sorted(UNET_DTYPES),
                     help="SVD UNet dtype (auto: what ComfyUI picks on this device, fp16 on a GPU)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -263,7 +273,9 @@ def main():
         return
     base = {k: getattr(a, k) for k in ("device", "model", "face", "width", "height", "frames", "blocks", "steps",
                                        "iterations", "margin", "precision", "unet_dtype")}
-    if a.upstream_like_ours:
+    if a.upstream_as_released:
+        base.update(upstream_precision="fp32", upstream_checkpoint=False)
+    else:  # like with like: ours' decode precision, upstream's decoder checkpointing
         base.update(upstream_precision=a.precision, upstream_checkpoint=True)
     results = {}
 
@@ -285,6 +297,10 @@ def main():
         results[mode] = run_in_own_process(mode)
         print(f"{mode:9s} {results[mode]['seconds']:8.1f} s   peak {results[mode]['peak_gib']:6.2f} GiB", flush=True)
     print(f"\nsettings: {base}")
+    if "upstream" in results:
+        print("upstream run: " + ("as released (fp32 decode, no decoder checkpointing)" if a.upstream_as_released else
+                                  f"like ours (decode in {results['upstream'].get('decode_dtype')}, as ours "
+                                  f"with --precision {a.precision} on this device; decoder resnet blocks checkpointed)"))
     off = results["off"]
     for mode in ("ours", "upstream"):
         if mode in results:

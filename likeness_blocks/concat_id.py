@@ -167,20 +167,6 @@ def concat_id_positions(t, h, w, n_refs=1, placement="next_frames"):
     return torch.cat(parts, 0)
 
 
-def wan_rope_axes(head_dim):
-    """Channels per axis (time, height, width) of Wan's 3-D RoPE for one head (real channels)."""
-    return (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
-
-
-def rope_angles(positions, head_dim, theta=10000.0):
-    """Angles (L, head_dim // 2) in float64: for each axis a, pair i: pos_a / theta^(2i / d_a)."""
-    out = []
-    for a, d in enumerate(wan_rope_axes(head_dim)):
-        omega = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-        out.append(positions[:, a].to(torch.float64)[:, None] * omega[None])
-    return torch.cat(out, -1)
-
-
 # --------------------------------------------------------------------------------------------
 # Block forward
 # --------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ NOTES = {
     ],
     'concat_id_wan_hjb': [
         ('HJB face guidance (StableAnimator) on top of Concat-ID Wan',
-         "Same files as the Concat-ID Wan workflow, plus the differentiable ArcFace: Load Differentiable ArcFace converts insightface/models/antelopev2/glintr100.onnx to torch (or loads stableanimator/glintr100_torch.pth). Face boxes come from the InsightFace detector on a preview decode at the first active step; connect a face MASK to fix them yourself. Costs extra VAE decodes per active step: see the README's HJB figures."),
+         "Model files and folders (ComfyUI/models/...), the Concat-ID Wan workflow's plus the differentiable ArcFace:\n- concat_id/second_stage_adaln.pt  (AdaLN model; or first_stage.pt) from HF yongzhong/Concat-ID-Wan\n- text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (or umt5_xxl_fp16) - Wan 2.1 text encoder\n- vae/wan_2.1_vae.safetensors - Wan 2.1 VAE\n- insightface/models/antelopev2/*.onnx - face detector and recogniser (non-commercial licence); Load Differentiable ArcFace converts its glintr100.onnx (listed as insightface/antelopev2/glintr100.onnx) to torch, or loads stableanimator/glintr100_torch.pth.\n\nFace boxes come from the InsightFace detector on a preview decode at the first active step; connect a face MASK to fix them yourself. Costs extra VAE decodes per active step: see docs/hjb.md."),
     ],
     "fantasyid_face_geometry": [(
         "Model files",

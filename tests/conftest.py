@@ -9,6 +9,7 @@ for p in (str(REPO), str(TESTS)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from support.ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401  (CI: no skips)
 from support.server import ComfyServer  # noqa: E402
 
 

@@ -20,7 +20,6 @@ from likeness_blocks.concat_id import (
     concat_id_positions,
     resize_pad_crop,
     similarity_transform,
-    wan_rope_axes,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,10 +226,6 @@ def test_positions_follow_concat_id_formula():
     assert p3[1, ..., 2].tolist() == [list(range(2 * w, 3 * w))] * h
     with pytest.raises(ValueError, match="placement"):
         concat_id_positions(T, h, w, 2, "diagonal")
-
-
-def test_rope_axes_split():
-    assert wan_rope_axes(128) == (44, 42, 42)  # 22/21/21 complex pairs (Wan 1.3B head dim 128)
 
 
 def test_resize_pad_crop_square_face_to_480x832():

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import sys
 
 import pytest
@@ -44,6 +45,54 @@ def test_ui_workflow_matches_its_api_prompt(server, path):
     converted = ui_to_api(json.loads(path.read_text()), server.object_info())
     assert converted == strip_meta(json.loads(api.read_text()))
     assert any(n["type"] == "Note" for n in json.loads(path.read_text())["nodes"]), "no Note listing model files"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=[p.stem for p in UI_FILES])
+def test_notes_name_the_model_files(path):
+    """Each workflow's Note names every model file (or folder) the workflow loads."""
+    api = REPO / "example_workflows" / "api" / path.name
+    notes = [n for n in json.loads(path.read_text())["nodes"] if n["type"] == "Note"]
+    assert notes, "no Note listing model files"
+    text = "\n".join(str(v) for n in notes for v in n.get("widgets_values", []))
+    files = model_files(json.loads(api.read_text()))
+    assert files, f"{path.name}: no model file found: is MODEL_INPUTS up to date?"
+    for node, name, value in files:
+        base = value.rstrip("/").rsplit("/", 1)[-1]
+        assert value in text or base in text, f"{path.name}: the Note does not name {value!r} ({node}.{name})"
+
+
+# inputs that name model files or folders (user media such as LoadImage's image are not model files)
+MODEL_INPUTS = {
+    "CLIPLoader": ["clip_name"], "UNETLoader": ["unet_name"], "VAELoader": ["vae_name"],
+    "CheckpointLoaderSimple": ["ckpt_name"], "ImageOnlyCheckpointLoader": ["ckpt_name"],
+    "LikenessConcatIDLoader": ["concat_id_name"], "LikenessLoadDifferentiableArcFace": ["source"],
+    "LikenessLoadInsightFace": ["model_name"], "LikenessDecaFlameLoader": ["deca_model", "flame_model"],
+    "LikenessLoadCogVideoX": ["model_name"], "LikenessLoadCogVideoXVAE": ["vae_name"], "LikenessLoadEvaClip": ["eva_clip"],
+    "LikenessLoadFantasyID": ["transform", "face_modules"],
+    "LikenessStableAnimatorLoader": ["unet", "face_encoder", "pose_net"],
+}
+MODEL_FILE = re.compile(r"\.(safetensors|sft|pt|pth|ckpt|bin|onnx|pkl|tar|gguf)$")
+
+
+def model_files(prompt):
+    """(node type, input, value) of every model file or folder an API prompt loads."""
+    out = []
+    for node in prompt.values():
+        cls, inputs = node["class_type"], node["inputs"]
+        for name, value in inputs.items():
+            if not isinstance(value, str) or value.startswith("("):  # "(from model)" and the like: no file
+                continue
+            if name in MODEL_INPUTS.get(cls, ()) or (cls not in ("LoadImage", "LoadVideo") and MODEL_FILE.search(value)):
+                out.append((cls, name, value))
+    return out
+
+
+def test_model_file_inputs_are_known():
+    """Every loader in the examples is in MODEL_INPUTS, so that the Note check above covers its files."""
+    for api in sorted((REPO / "example_workflows" / "api").glob("*.json")):
+        for node in json.loads(api.read_text()).values():
+            if "Loader" in node["class_type"] or node["class_type"].startswith("LikenessLoad"):
+                assert node["class_type"] in MODEL_INPUTS, (api.name, node["class_type"])
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=[p.stem for p in UI_FILES])
@@ -93,3 +142,31 @@ def test_example_workflow_runs_through_the_api_on_tiny_files(server, stem):
     hist = server.run(ex.prompt, timeout=300)
     check_output(server, ex, hist)
     check_specific(server, stem, hist)
+
+
+def test_output_pixel_check_refuses_flat_and_frozen_videos():
+    """check_output's pixel check fails on a black frame and on a video whose frames are all one picture."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from support.example_tiny import check_pixels
+
+    rng = np.random.default_rng(0)
+
+    def webp(frames):
+        buf = io.BytesIO()
+        ims = [Image.fromarray(f) for f in frames]
+        ims[0].save(buf, "WEBP", save_all=True, append_images=ims[1:], lossless=True)
+        return Image.open(io.BytesIO(buf.getvalue()))
+
+    noise = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    check_pixels(webp(noise), "ok.webp")
+    with pytest.raises(AssertionError, match="flat colour"):
+        check_pixels(webp(noise[:2] + [np.zeros((32, 32, 3), np.uint8)]), "black.webp")
+    with pytest.raises(AssertionError, match="same picture"):
+        nudged = [noise[0].copy() for _ in range(3)]
+        for k, f in enumerate(nudged):
+            f[0, 0, 0] = k * 7  # one pixel apart, so the encoder keeps three frames
+        check_pixels(webp(nudged), "frozen.webp")

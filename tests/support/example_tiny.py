@@ -329,4 +329,19 @@ def check_output(server, ex, hist):
         assert img.format == "PNG" and min(img.size) >= 16, (img.format, img.size)
     else:
         assert img.format == "WEBP" and img.n_frames == ex.frames, (img.format, img.n_frames, ex.frames)
+    check_pixels(img, files[0])
     return files[0]
+
+
+def check_pixels(img, name):
+    """What the output shows: every frame has content (not one flat colour: a silent zero or NaN turned black/grey),
+    and a video's frames are not all the same picture."""
+    import numpy as np
+    from PIL import ImageSequence
+
+    frames = [np.asarray(f.convert("RGB"), dtype=np.float32) / 255.0 for f in ImageSequence.Iterator(img)]
+    for k, f in enumerate(frames):
+        assert float(f.std()) > 2.0 / 255.0, f"{name}: frame {k} is one flat colour (mean {float(f.mean()):.3f})"
+    if len(frames) > 1:
+        change = max(float(np.abs(frames[k] - frames[0]).mean()) for k in range(1, len(frames)))
+        assert change > 1.0 / 255.0, f"{name}: all {len(frames)} frames show the same picture"
