@@ -46,7 +46,7 @@ def test_model_folders_are_registered(server):
 def test_broken_pack_import_is_caught(tmp_path):
     """ComfyUI exits 0 whatever a pack does; the log check must still see the failure."""
     pack = tmp_path / "base" / "custom_nodes" / "likeness"
-    shutil.copytree(REPO, pack, ignore=shutil.ignore_patterns(".venv", ".comfyui", ".git", "tests", "__pycache__", ".demo"))
+    shutil.copytree(REPO, pack, ignore=shutil.ignore_patterns(".venv*", ".comfyui*", ".git", ".gpu", "tests", "__pycache__", ".demo", "test-artifacts"))
     (pack / "nodes" / "broken.py").write_text("raise ImportError('deliberately broken node module')\n")
     run = subprocess.run(
         [sys.executable, "main.py", "--cpu", "--quick-test-for-ci", "--base-directory", str(tmp_path / "base"),
