@@ -58,7 +58,7 @@ STATE_JS = """() => ({
   nodes: app.graph.nodes.map(n => ({id: String(n.id), type: n.type,
     registered: n.type in LiteGraph.registered_node_types, has_errors: !!n.has_errors,
     absent_values: (n.widgets || []).filter(w => w.options && Array.isArray(w.options.values)
-      && w.options.values.length && !w.options.values.includes(w.value)).map(w => w.name)})),
+      && !w.options.values.includes(w.value)).map(w => w.name)})),
   dialogs: Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText),
   missing_list: Array.from(document.querySelectorAll('.comfy-missing-nodes')).map(d => d.innerText),
 })"""
