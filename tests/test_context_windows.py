@@ -1,0 +1,237 @@
+"""The pack's identity patches under ComfyUI's own context windows (comfy/context_windows.py, driven through the
+stock Context Windows nodes' execute), sampled in-process with the real KSampler path.
+
+Concat-ID on Wan: every window's model call must carry the reference latent frames whole, appended after that
+call's frames with Concat-ID's RoPE slot relative to the call (time = frames in the call, rows 0..h-1, columns
+w..2w-1); the positions are checked against a table written here from the formula. One window over the whole video
+must reproduce the run without context windows.
+"""
+
+import importlib
+import inspect
+import math
+
+import pytest
+import torch
+
+from test_concat_id import DIM, HEADS, make_state_dict
+
+TEXT_DIM = 4096
+
+
+@pytest.fixture(scope="module")
+def cw(comfy, pack):
+    class NS:
+        wan = importlib.import_module("likeness_pack.adapters.wan")
+        windows = importlib.import_module("likeness_pack.adapters.context_windows")
+        loader = importlib.import_module("likeness_pack.loaders.concat_id")
+        nodes_cw = importlib.import_module("comfy_extras.nodes_context_windows")
+
+    return NS
+
+
+@pytest.fixture(scope="module")
+def concat_files(cw, tmp_path_factory):
+    d = tmp_path_factory.mktemp("concat_id_cw")
+    torch.save(make_state_dict(False, seed=13), d / "first_stage.pt")
+    torch.save(make_state_dict(True, seed=14), d / "second_stage_adaln.pt")
+    return d
+
+
+def with_context_windows(cw, model, length, overlap, wan=True, schedule="standard_static", fuse="pyramid"):
+    """The stock node's execute (Wan: lengths in video frames, 4n+1; else latent frames on dim 2), with whatever
+    arguments this ComfyUI version's node takes (0.33 adds freenoise and others)."""
+    node = cw.nodes_cw.WanContextWindowsManualNode if wan else cw.nodes_cw.ContextWindowsManualNode
+    params = inspect.signature(node.execute).parameters
+    kw = dict(model=model, context_length=length, context_overlap=overlap, context_schedule=schedule,
+              context_stride=1, closed_loop=False, fuse_method=fuse)
+    if not wan:
+        kw["dim"] = 2
+    if "freenoise" in params:
+        kw["freenoise"] = False
+    out = node.execute(**kw)
+    return out.args[0] if hasattr(out, "args") else out[0]
+
+
+def force_one_window(model):
+    """The windowed code path even when one window covers the video (the handler skips it otherwise)."""
+    m = model.clone()
+    handler = m.model_options["context_handler"]
+    handler.should_use_context = lambda *a, **k: True
+    return m
+
+
+def sample(model, pos, neg, latent, steps=3, cfg=2.5, seed=5):
+    import comfy.sample
+
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.no_grad():
+        return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", pos, neg, latent,
+                                   disable_pbar=True, seed=seed)
+
+
+def conds(refs, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    pos = [[torch.randn(1, 7, TEXT_DIM, generator=g), {"time_dim_concat": refs}]]
+    neg = [[torch.randn(1, 5, TEXT_DIM, generator=g), {"time_dim_concat": refs}]]
+    return pos, neg
+
+
+def inputs(T, n_refs, lat_h=6, lat_w=10, seed=1):
+    """Non-square latents: 6x10 latent pixels -> 3x5 tokens per frame."""
+    g = torch.Generator().manual_seed(seed)
+    refs = torch.randn(1, 16, n_refs, lat_h, lat_w, generator=g)
+    latent = torch.zeros(1, 16, T, lat_h, lat_w)
+    return refs, latent
+
+
+class CallSpy:
+    """Records every forward_orig call of the shared WanModel (what the Concat-ID wrapper hands the transformer):
+    the token input (video frames + references), the RoPE table and the context window of the call."""
+
+    def __init__(self, dm):
+        self.dm = dm
+        self.calls = []
+
+    def __enter__(self):
+        orig = type(self.dm).forward_orig.__get__(self.dm)
+
+        def spy(x, t, context, clip_fea=None, freqs=None, transformer_options={}, **kw):
+            self.calls.append(dict(x=x.detach().clone(), freqs=None if freqs is None else freqs.detach().clone(),
+                                   window=transformer_options.get("context_window"),
+                                   sigma=float(transformer_options["sigmas"].reshape(-1)[0])))
+            return orig(x, t, context, clip_fea=clip_fea, freqs=freqs, transformer_options=transformer_options, **kw)
+
+        self.dm.forward_orig = spy
+        return self
+
+    def __exit__(self, *exc):
+        del self.dm.forward_orig
+
+
+def expected_angles(n_frames, h, w, n_refs, head_dim, theta=10000.0):
+    """RoPE angles (L, head_dim/2) from the formula: video token (f, i, j); reference k at (n_frames + k, i, w + j)
+    (Concat-ID's slot; next_frames for k > 0). Axis split of Wan: d - 4(d//6), 2(d//6), 2(d//6) channels."""
+    axes = (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
+    pos = [(f, i, j) for f in range(n_frames) for i in range(h) for j in range(w)]
+    pos += [(n_frames + k, i, w + j) for k in range(n_refs) for i in range(h) for j in range(w)]
+    pos = torch.tensor(pos, dtype=torch.float64)
+    cols = []
+    for a, d in enumerate(axes):
+        inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+        cols.append(pos[:, a:a + 1] * inv[None])
+    return torch.cat(cols, 1)
+
+
+def call_frames(window):
+    """The whole-video frames a window's model call holds, read from the window object as ComfyUI documents it
+    (0.33: an anchor frame before the window when causal_window_fix is on)."""
+    idx = list(window.index_list)
+    anchor = getattr(window, "causal_anchor_index", None)
+    return ([anchor] + idx) if anchor is not None and anchor >= 0 else idx
+
+
+# ----------------------------------------------------------------------------------------------
+# Concat-ID on Wan
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["first_stage", "adaln"])
+def test_concat_id_one_window_equals_no_windows(cw, concat_files, variant):
+    name = "first_stage.pt" if variant == "first_stage" else "second_stage_adaln.pt"
+    model, weights = cw.loader.load_concat_id(str(concat_files / name), model_options={"dtype": torch.float32})
+    refs, latent = inputs(T=5, n_refs=1)
+    pos, neg = conds(refs)
+    for kw in (dict(), dict(strength=0.6, start_percent=0.0, end_percent=0.7)):
+        patched = cw.wan.apply_concat_id(model, adaln=weights.adaln, **kw)
+        plain = sample(patched, pos, neg, latent)
+        # flat fusion: one window's weights divide out exactly (pyramid weights leave one-ulp rounding)
+        one = force_one_window(with_context_windows(cw, patched, 4 * 5 + 1, 8, fuse="flat"))
+        with CallSpy(patched.model.diffusion_model) as spy:
+            windowed = sample(one, pos, neg, latent)
+        assert spy.calls and all(c["window"] is not None for c in spy.calls)  # the windowed path really ran
+        assert all(list(c["window"].index_list) == list(range(5)) for c in spy.calls)
+        torch.testing.assert_close(windowed, plain, atol=1e-5, rtol=0)
+    # the references matter for the result (so the parity above could fail)
+    other, _ = inputs(T=5, n_refs=1, seed=7)
+    assert (sample(patched, *conds(other), latent) - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("variant,n_refs,schedule", [("first_stage", 1, "standard_static"),
+                                                     ("adaln", 1, "standard_uniform"),
+                                                     ("first_stage", 2, "standard_static")])
+def test_concat_id_every_window_gets_whole_references_in_their_rope_slot(cw, concat_files, variant, n_refs, schedule):
+    name = "first_stage.pt" if variant == "first_stage" else "second_stage_adaln.pt"
+    model, weights = cw.loader.load_concat_id(str(concat_files / name), model_options={"dtype": torch.float32})
+    T, lat_h, lat_w = 9, 6, 10
+    refs, latent = inputs(T=T, n_refs=n_refs, lat_h=lat_h, lat_w=lat_w)
+    pos, neg = conds(refs)
+    patched = cw.wan.apply_concat_id(model, adaln=weights.adaln, strength=0.8, start_percent=0.0, end_percent=0.6)
+    windowed = with_context_windows(cw, patched, 13, 8, schedule=schedule)  # 4 latent frames, overlap 2
+    handler = windowed.model_options["context_handler"]
+    assert handler.context_length == 4 and handler.context_overlap == 2
+    steps = 4
+    with CallSpy(patched.model.diffusion_model) as spy:
+        out = sample(windowed, pos, neg, latent, steps=steps)
+    assert out.shape == latent.shape
+    want_refs = patched.model.process_latent_in(refs)
+    ms = patched.get_model_object("model_sampling")
+    sigma_end = float(ms.percent_to_sigma(0.6))
+    h, w = lat_h // 2, lat_w // 2
+    with_refs = without_refs = 0
+    covered = set()
+    for c in spy.calls:
+        frames = call_frames(c["window"])
+        covered.update(c["window"].index_list)
+        n_video = len(frames)
+        assert n_video < T  # a window, not the video
+        if c["sigma"] < sigma_end:  # past end_percent: plain text-to-video, no reference at all
+            assert c["x"].shape[2] == n_video
+            without_refs += 1
+            continue
+        with_refs += 1
+        assert c["x"].shape[2] == n_video + n_refs  # the window's frames, then every reference
+        # the references: whole, unshifted, the same clean latents in every window and both CFG branches
+        for b in range(c["x"].shape[0]):
+            torch.testing.assert_close(c["x"][b:b + 1, :, n_video:], want_refs, atol=0, rtol=0)
+        # RoPE of the call: window-relative video positions, references at time n_video (then n_video + 1)
+        f = c["freqs"][0, :, 0]  # (L, head_dim/2, 2, 2) rotation matrices
+        ang = expected_angles(n_video, h, w, n_refs, DIM // HEADS)
+        assert f.shape[0] == ang.shape[0] == (n_video + n_refs) * h * w
+        torch.testing.assert_close(f[..., 0, 0].double(), torch.cos(ang), atol=1e-5, rtol=0)
+        torch.testing.assert_close(f[..., 1, 0].double(), torch.sin(ang), atol=1e-5, rtol=0)
+    assert covered == set(range(T))
+    assert with_refs >= 3 * 2 and without_refs >= 2  # several windows in each regime
+    # no output frame is a reference frame (no "flash")
+    for fr in range(T):
+        for k in range(n_refs):
+            assert (out[:, :, fr] - refs[:, :, k]).abs().max() > 1e-2
+
+
+def test_concat_id_references_not_sliced_when_their_count_equals_the_video_length(cw, concat_files):
+    """Two references in a two-latent-frame video: 0.33's slicing would take them for frames (one per window)."""
+    model, weights = cw.loader.load_concat_id(str(concat_files / "first_stage.pt"), model_options={"dtype": torch.float32})
+    refs, latent = inputs(T=2, n_refs=2)
+    pos, neg = conds(refs)
+    patched = cw.wan.apply_concat_id(model)
+    windowed = with_context_windows(cw, patched, 1, 0, wan=False, schedule="batched")  # windows [0], [1]
+    with CallSpy(patched.model.diffusion_model) as spy:
+        sample(windowed, pos, neg, latent, steps=2)
+    want_refs = patched.model.process_latent_in(refs)
+    assert spy.calls
+    for c in spy.calls:
+        n_video = len(call_frames(c["window"]))
+        assert c["x"].shape[2] == n_video + 2
+        torch.testing.assert_close(c["x"][:1, :, n_video:], want_refs, atol=0, rtol=0)
+
+
+def test_window_frames_reads_the_window_and_anchor(cw):
+    class W:
+        index_list = [4, 5, 6]
+
+    assert cw.windows.window_frames({}, 3) is None
+    assert cw.windows.window_frames({"context_window": W()}, 3) == [4, 5, 6]
+    a = W()
+    a.causal_anchor_index = 3
+    assert cw.windows.window_frames({"context_window": a}, 4) == [3, 4, 5, 6]
+    with pytest.raises(RuntimeError, match="context window"):
+        cw.windows.window_frames({"context_window": W()}, 5)
