@@ -38,7 +38,7 @@ def concat_files(cw, tmp_path_factory):
     return d
 
 
-def with_context_windows(cw, model, length, overlap, wan=True, schedule="standard_static", fuse="pyramid"):
+def with_context_windows(cw, model, length, overlap, wan=True, schedule="standard_static", fuse="pyramid", dim=2):
     """The stock node's execute (Wan: lengths in video frames, 4n+1; else latent frames on dim 2), with whatever
     arguments this ComfyUI version's node takes (0.33 adds freenoise and others)."""
     node = cw.nodes_cw.WanContextWindowsManualNode if wan else cw.nodes_cw.ContextWindowsManualNode
@@ -46,11 +46,17 @@ def with_context_windows(cw, model, length, overlap, wan=True, schedule="standar
     kw = dict(model=model, context_length=length, context_overlap=overlap, context_schedule=schedule,
               context_stride=1, closed_loop=False, fuse_method=fuse)
     if not wan:
-        kw["dim"] = 2
+        kw["dim"] = dim
     if "freenoise" in params:
         kw["freenoise"] = False
     out = node.execute(**kw)
     return out.args[0] if hasattr(out, "args") else out[0]
+
+
+def comfy_version():
+    import comfyui_version
+
+    return tuple(int(p) for p in comfyui_version.__version__.split(".")[:3])
 
 
 def force_one_window(model):
@@ -235,3 +241,222 @@ def test_window_frames_reads_the_window_and_anchor(cw):
     assert cw.windows.window_frames({"context_window": a}, 4) == [3, 4, 5, 6]
     with pytest.raises(RuntimeError, match="context window"):
         cw.windows.window_frames({"context_window": W()}, 5)
+
+
+# ----------------------------------------------------------------------------------------------
+# HJB Face Guidance (post-CFG, on the fused prediction)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_wan(cw):
+    import comfy.sd
+    from support import tiny_models
+
+    model = comfy.sd.load_diffusion_model_state_dict(tiny_models.tiny_wan_t2v_state_dict())
+    vae = comfy.sd.VAE(sd=tiny_models.tiny_wan_vae_state_dict())
+    return model, vae
+
+
+def _hjb(vae, boxes=None, **kw):
+    from test_hjb import TinyRecognizer
+
+    mod = importlib.import_module("likeness_pack.adapters.sampler_hook")
+    g = torch.Generator().manual_seed(3)
+    ref = torch.nn.functional.normalize(torch.randn(512, generator=g), dim=0)
+    kw.setdefault("iterations", 2)
+    kw.setdefault("eta", 0.5)
+    return mod.HJBFaceGuidance(vae, TinyRecognizer(), ref, boxes, progress=False, precision="fp32",
+                               window_margin=1, **kw)
+
+
+def _handler(length, overlap=1, dim=2):
+    import comfy.context_windows as cwm
+
+    return cwm.IndexListContextHandler(cwm.get_matching_context_schedule("standard_static"),
+                                       cwm.get_matching_fuse_method("pyramid"), context_length=length,
+                                       context_overlap=overlap, dim=dim)
+
+
+def _moving_boxes(n_frames):
+    """A face box per output frame (32x32 frames) that moves from frame to frame."""
+    return torch.tensor([[1 + 2 * (f % 5), 2 + 3 * (f % 3), 1 + 2 * (f % 5) + 18, 2 + 3 * (f % 3) + 20]
+                         for f in range(n_frames)])
+
+
+def test_hjb_under_windows_refines_window_sized_pieces_with_their_frames_boxes(cw, tiny_wan):
+    model, vae = tiny_wan
+    T = 4  # latent frames -> 13 output frames; windows of 2 latent frames -> pieces [0, 2) and [2, 4)
+    n_out = 1 + 4 * (T - 1)
+    boxes = _moving_boxes(n_out)
+    g = torch.Generator().manual_seed(8)
+    denoised = torch.randn(1, 16, T, 4, 4, generator=g)
+    sigmas = torch.linspace(1, 0, 6)
+
+    def args(d, handler=None):
+        mo = {"transformer_options": {"sample_sigmas": sigmas}}
+        if handler is not None:
+            mo["context_handler"] = handler
+        return {"denoised": d, "model": model.model, "sigma": torch.tensor([float(sigmas[1])]), "model_options": mo}
+
+    hook = _hjb(vae, boxes, iterations=1)
+    seen = []
+    inner = hook._framewise_loss
+
+    def spy(decoder, count, raw_of, n_latent, frame_loss):
+        seen.append(n_latent)
+        return inner(decoder, count, raw_of, n_latent, frame_loss)
+
+    hook._framewise_loss = spy
+    with torch.inference_mode():
+        got = hook(args(denoised, _handler(2)))
+        # independently: each piece as its own video, with the boxes of the video frames it decodes to
+        # (a piece starting at latent frame s decodes to video frames 4s, 4s+1, ...)
+        want = []
+        for s, e in ((0, 2), (2, 4)):
+            piece_boxes = boxes[4 * s: 4 * s + 1 + 4 * (e - s - 1)]
+            want.append(_hjb(vae, piece_boxes, iterations=1)(args(denoised[:, :, s:e].clone())))
+        want = torch.cat(want, 2)
+        unshifted = _hjb(vae, boxes, iterations=1)(args(denoised[:, :, 2:4].clone()))  # boxes not following
+    assert got.shape == denoised.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (got[:, :, 2:4] - unshifted).abs().max() > 1e-5  # the second piece's boxes are frames 8.., not 0..
+    assert (got - denoised).abs().max() > 1e-4
+    assert seen == [2, 2]  # never more than one window of latent frames decoded together
+    assert len(hook.last_losses[-1][1]) == 1
+
+
+def test_hjb_one_window_through_ksampler_equals_no_windows(cw, tiny_wan):
+    model, vae = tiny_wan
+    g = torch.Generator().manual_seed(4)
+    pos = [[torch.randn(1, 6, 4096, generator=g), {}]]
+    neg = [[torch.randn(1, 6, 4096, generator=g), {}]]
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    apply = importlib.import_module("likeness_pack.adapters.sampler_hook").apply_hjb
+    # active at the first of two steps only (keeps the test short)
+    guided = apply(model, _hjb(vae, _moving_boxes(9), iterations=1, start_percent=0.0, end_percent=0.4))
+    plain = sample(guided, pos, neg, latent, steps=2)
+    one = force_one_window(with_context_windows(cw, guided, 4 * 3 + 1, 4, fuse="flat"))
+    windowed = sample(one, pos, neg, latent, steps=2)
+    torch.testing.assert_close(windowed, plain, atol=1e-5, rtol=0)
+    unguided = sample(model, pos, neg, latent, steps=2)
+    assert (unguided - plain).abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# StableAnimator on SVD (frames on the batch axis: context windows on dim 0)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def svd(cw):
+    from support.tiny_models import build_tiny_svd
+
+    return build_tiny_svd(seed=0)
+
+
+def _svd_sample(model, frames, steps=2, cfg=2.0):
+    from test_stableanimator_svd import _conds
+
+    import nodes
+
+    pos, neg = _conds()
+    latent = {"samples": torch.zeros(frames, 4, 8, 8)}
+    with torch.no_grad():
+        (out,) = nodes.common_ksampler(model, 0, steps, cfg, "euler", "karras", pos, neg, latent, denoise=1.0)
+    return out["samples"]
+
+
+class InputBlockRecorder:
+    """An input_block_patch that records h (and the call's window) where it sits in the patch list."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, h, transformer_options):
+        if transformer_options.get("block") == ("input", 0):
+            self.seen.append((h.detach().clone(), transformer_options.get("context_window"),
+                              list(transformer_options.get("cond_or_uncond") or [0])))
+        return h
+
+
+def test_stableanimator_pose_and_id_per_window(cw, svd):
+    from test_stableanimator_svd import _id_weights, _pose_net_for
+
+    A = importlib.import_module("likeness_pack.adapters.svd")
+    frames = 6
+    net = _pose_net_for(svd)
+    g = torch.Generator().manual_seed(11)
+    pose = torch.rand(frames, 64, 64, 3, generator=g)
+    face = torch.randn(1, 4, 1024, generator=g)
+    before, after = InputBlockRecorder(), InputBlockRecorder()
+    m = svd.clone()
+    m.set_model_input_block_patch(before)
+    m, _ = A.apply_id_adapter(m, _id_weights(svd, A), face, strength=0.8)
+    m, pp = A.apply_pose(m, net, pose, strength=0.7)
+    m.set_model_input_block_patch(after)
+    if comfy_version() < (0, 4):
+        # 0.3.x's handler cannot look up SVD's per-frame timesteps: a clear message steering to Long Video
+        win = with_context_windows(cw, m, 3, 1, wan=False, fuse="pyramid", dim=0)
+        with pytest.raises(ValueError, match="StableAnimator Long Video"):
+            _svd_sample(win, frames, steps=1)
+        return
+    plain = _svd_sample(m, frames)
+    # one window over the whole video: the run without windows
+    one = force_one_window(with_context_windows(cw, m, frames, 1, wan=False, fuse="flat", dim=0))
+    before.seen.clear(), after.seen.clear()
+    torch.testing.assert_close(_svd_sample(one, frames), plain, atol=1e-5, rtol=0)
+    # several windows (3 frames, overlap 1) on the batch axis
+    win = with_context_windows(cw, m, 3, 1, wan=False, fuse="pyramid", dim=0)
+    before.seen.clear(), after.seen.clear()
+    out = _svd_sample(win, frames)
+    assert out.shape == plain.shape and torch.isfinite(out).all()
+    assert len(before.seen) == len(after.seen) >= 3
+    with torch.no_grad():
+        pose_lat = net(pose.movedim(-1, 1) * 2 - 1) * 0.7  # PoseNet on every video frame, at 64x64 = 8x8 latents
+    covered = set()
+    for (h0, window, flags), (h1, _, _) in zip(before.seen, after.seen):
+        held = call_frames(window)
+        covered.update(window.index_list)
+        n = len(held)
+        assert h0.shape[0] == n * len(flags)
+        for c, flag in enumerate(flags):
+            add = h1[c * n:(c + 1) * n] - h0[c * n:(c + 1) * n]
+            want = torch.zeros_like(add) if flag == 1 else pose_lat[held]  # the pose of the frames this call holds
+            torch.testing.assert_close(add, want, atol=1e-5, rtol=0)
+    assert covered == set(range(frames))
+
+
+def test_stableanimator_per_frame_face_tokens_follow_the_window(cw, svd):
+    from test_stableanimator_svd import _id_weights
+
+    A = importlib.import_module("likeness_pack.adapters.svd")
+    frames, held = 6, [2, 3, 4]
+    g = torch.Generator().manual_seed(12)
+    tokens = torch.randn(frames, 4, 1024, generator=g)
+    weights = _id_weights(svd, A)
+    key_path, key = next(iter(A.spatial_block_keys(svd.model.diffusion_model).items()))
+    wk, wv = weights[key_path]
+    full = A.IDAttentionPatch(key, wk, wv, tokens, 0.9, 1e9, 0.0)
+    sub = A.IDAttentionPatch(key, wk, wv, tokens[held], 0.9, 1e9, 0.0)
+    inner = wk.shape[0]
+    q = torch.randn(2 * len(held), 64, inner, generator=g)
+    k = torch.randn(2 * len(held), 1, inner, generator=g)
+    v = torch.randn(2 * len(held), 1, inner, generator=g)
+
+    class W:
+        index_list = held
+
+    opts = {"n_heads": 2, "cond_or_uncond": [0, 1], "activations_shape": [2 * len(held), inner, 8, 8]}
+    got = full(q, k, v, {**opts, "context_window": W()})
+    torch.testing.assert_close(got, sub(q, k, v, dict(opts)), atol=0, rtol=0)
+    assert (got - full(q, k, v, {**opts, "context_window": type("W0", (), {"index_list": [0, 1, 2]})()})).abs().max() > 1e-4
+
+
+def test_stableanimator_tiles_and_context_windows_steer_to_one(cw, svd):
+    A = importlib.import_module("likeness_pack.adapters.svd")
+    both = with_context_windows(cw, A.apply_tiling(svd, tile_size=3, overlap=1), 3, 1, wan=False, dim=0)
+    # 0.33: "both split this video ... use one"; 0.3.x: its context windows cannot run SVD at all
+    with pytest.raises(ValueError, match="use one" if comfy_version() >= (0, 4) else "StableAnimator Long Video"):
+        _svd_sample(both, 5, steps=1)
