@@ -464,3 +464,83 @@ def test_stableanimator_tiles_and_context_windows_steer_to_one(cw, svd):
     # 0.33: "both split this video ... use one"; 0.3.x: its context windows cannot run SVD at all
     with pytest.raises(ValueError, match="use one" if comfy_version() >= (0, 4) else "StableAnimator Long Video"):
         _svd_sample(both, 5, steps=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# FantasyID on CogVideoX-I2V (the pack's native CogVideoX MODEL), beyond its trained length
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fantasy(cw, tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from test_fantasyid_cogvideox import _las
+
+    from diffusers import CogVideoXTransformer3DModel
+
+    import test_fantasyid_cogvideox as T
+
+    L = importlib.import_module("likeness_pack.loaders.cogvideox")
+    A = importlib.import_module("likeness_pack.adapters.cogvideox_fantasyid")
+    torch.manual_seed(0)
+    tr = CogVideoXTransformer3DModel(**T.TINY_I2V).eval()
+    with torch.no_grad():
+        for p in tr.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    d = tmp_path_factory.mktemp("cogfid_cw")
+    tr.save_pretrained(d / "i2v")
+    return L.load_transformer(str(d / "i2v"), "fp32"), A, _las(4), T.KV
+
+
+def test_fantasyid_id_tokens_reach_every_window(cw, fantasy):
+    import comfy.sample
+
+    model, A, las, kv = fantasy
+    T = 5  # latent frames; the tiny model is configured for 9 frames (3 latent), windows of 3 overlapping 1
+    g = torch.Generator().manual_seed(4)
+    noise = torch.randn(1, 16, T, 6, 8, generator=g)
+    img = torch.randn(1, 16, 1, 6, 8, generator=g)
+    pos = [[torch.randn(1, 8, 64, generator=g), {"concat_latent_image": img}]]
+    neg = [[torch.randn(1, 8, 64, generator=g), {"concat_latent_image": img}]]
+    ids = torch.randn(1, 5, kv, generator=g)
+
+    def run(mp, steps=2):
+        with torch.no_grad():
+            return comfy.sample.sample(mp, noise, steps, 5.0, "ddim", "simple", pos, neg, torch.zeros_like(noise),
+                                       denoise=1.0, disable_pbar=True, seed=0)
+
+    patched = A.apply_layer_injection(model, las, ids, strength=0.7)
+    plain = run(patched)
+    one = force_one_window(with_context_windows(cw, patched, T, 1, wan=False, fuse="flat"))
+    torch.testing.assert_close(run(one), plain, atol=1e-5, rtol=0)
+
+    # several windows: record each DiT call (its window, its input incl. the image channels) and each injection
+    dit = model.model.diffusion_model
+    calls, injections = [], []
+    h1 = dit.register_forward_pre_hook(lambda m, a, kw: calls.append(
+        (a[0].detach().clone(), kw.get("transformer_options", {}).get("context_window"))), with_kwargs=True)
+    h2 = [la.register_forward_pre_hook(lambda m, a: injections.append((a[0].detach().clone(), a[1].shape)))
+          for la in las]
+    try:
+        out = run(with_context_windows(cw, patched, 3, 1, wan=False, fuse="pyramid"), steps=2)
+    finally:
+        h1.remove()
+        [h.remove() for h in h2]
+    assert out.shape == noise.shape and torch.isfinite(out).all()
+    image = torch.zeros(1, 16, T, 6, 8)
+    image[:, :, :1] = model.model.process_latent_in(img)  # the start image in frame 0, zeros after
+    assert len(calls) >= 2 * 2  # two steps of two windows ([0, 1, 2] and [2, 3, 4])
+    covered = set()
+    for xc, window in calls:
+        held = call_frames(window)
+        covered.update(window.index_list)
+        assert xc.shape[2] == len(held) < T
+        for b in range(xc.shape[0]):  # the image condition at the frames this call holds
+            torch.testing.assert_close(xc[b:b + 1, 16:], image[:, :, held], atol=1e-6, rtol=0)
+    assert covered == set(range(T))
+    # every call injects the same ID tokens at each of the 4 injection blocks
+    assert len(injections) == 4 * len(calls)
+    for (tok, h_shape), (xc, window) in zip(injections, [c for c in calls for _ in range(4)]):
+        assert tok.shape[0] in (1, xc.shape[0])  # batch-1 ID tokens broadcast over the CFG branches, as upstream
+        for b in range(tok.shape[0]):
+            torch.testing.assert_close(tok[b:b + 1], ids, atol=0, rtol=0)
+        assert h_shape[1] == len(call_frames(window)) * 3 * 4  # video tokens of the window's frames (6x8 / 2x2)
