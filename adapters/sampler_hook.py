@@ -88,6 +88,48 @@ def _channels_last_convs(module):
             m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
 
 
+class WanCausalLayout:
+    """The Wan 2.1 VAE's walk along time in one ComfyUI version: which function sizes the feature cache, which
+    latent frames go into each decoder call, and how a call's output comes back."""
+
+    def __init__(self, count_cache, first_alone_then_pairs):
+        self.count_cache = count_cache
+        self.first_alone_then_pairs = first_alone_then_pairs
+
+    def chunks(self, n_latent):
+        if not self.first_alone_then_pairs:  # 0.3.75: one latent frame per call
+            return [(t, t + 1) for t in range(n_latent)]
+        # >= 0.3x (count_cache_layers): frame 0 alone, then pairs; the causal caches hold two frames and only a
+        # decode in these chunks reproduces the VAE's own result
+        return [(0, 1)] + [(s, min(s + 2, n_latent)) for s in range(1, n_latent, 2)]
+
+    def new_cache(self, decoder):
+        return [None] * self.count_cache(decoder.decoder)
+
+    @staticmethod
+    def decode(decoder, raw, cache):
+        out = decoder.decoder(decoder.conv2(raw), feat_cache=cache, feat_idx=[0])
+        return torch.cat(list(out), 2) if isinstance(out, (list, tuple)) else out
+
+
+def wan_causal_layout(decoder):
+    """(WanCausalLayout, None) for a Wan 2.1 VAE of a known layout, else (None, why not)."""
+    try:
+        import comfy.ldm.wan.vae as wan_vae
+    except ImportError:
+        return None, "this ComfyUI has no comfy.ldm.wan.vae"
+    if not isinstance(decoder, getattr(wan_vae, "WanVAE", ())):
+        return None, f"the VAE ({type(decoder).__name__}) is not Wan 2.1's causal video VAE"
+    if not (hasattr(decoder, "conv2") and hasattr(decoder, "decoder")):
+        return None, "this ComfyUI's Wan VAE has no conv2/decoder modules (an unknown layout)"
+    if hasattr(wan_vae, "count_cache_layers"):
+        return WanCausalLayout(wan_vae.count_cache_layers, first_alone_then_pairs=True), None
+    if hasattr(wan_vae, "count_conv3d"):
+        return WanCausalLayout(wan_vae.count_conv3d, first_alone_then_pairs=False), None
+    return None, "this ComfyUI's Wan VAE has neither count_conv3d nor count_cache_layers (an unknown layout)"
+
+
+
 class HJBFaceGuidance:
     """Callable stored in model_options['sampler_post_cfg_function']."""
 
@@ -117,6 +159,7 @@ class HJBFaceGuidance:
         self.frames_per_iteration = frames_per_iteration
         self.progress = progress
         self._modules = None
+        self._warned_whole_decode = False
         self.last_losses = []  # (step index, [loss per iteration]) of the last sampling run
 
     def __deepcopy__(self, memo):
@@ -166,43 +209,48 @@ class HJBFaceGuidance:
             raw = raw.contiguous(memory_format=torch.channels_last)
         return raw
 
-    @staticmethod
-    def _causal_video_vae(decoder):
-        """The Wan 2.1 VAE decodes one latent frame at a time through a causal feature cache; its
-        internals are not a public API, so anything else (or a changed layout) decodes whole."""
-        try:
-            import comfy.ldm.wan.vae as wan_vae
-        except ImportError:
-            return None
-        ok = isinstance(decoder, wan_vae.WanVAE) and hasattr(wan_vae, "count_conv3d") and hasattr(decoder, "conv2")
-        return wan_vae.count_conv3d if ok else None
+    def _causal_video_vae(self, decoder):
+        """How this ComfyUI's Wan 2.1 VAE walks time, for the exact low-memory decode (None: decode whole).
+        Its internals are not a public API and changed between the versions we test, so the layout is read
+        off the module; anything else decodes the whole window with autograd, said once in the log."""
+        layout, why = wan_causal_layout(decoder)
+        if layout is None and why and not self._warned_whole_decode:
+            self._warned_whole_decode = True
+            log.warning("HJB Face Guidance: low_memory_decode is on, but %s; decoding the whole latent window with "
+                        "autograd instead: the same result, with memory that grows with the number of frames "
+                        "(every decoder activation of every frame is kept for the backward pass).", why)
+        return layout
 
-    def _framewise_loss(self, decoder, count_conv3d, raw_of, n_latent, frame_loss):
-        """Exact loss and gradient of the whole-video decode with one latent frame's activations
-        alive at a time: a first pass without autograd keeps the causal cache entering each latent
-        frame; then, from the last frame back, each frame is decoded again from its cache with
-        autograd and back-propagated together with the gradient its output cache received from the
-        later frames (checkpointing along time)."""
+    def _framewise_loss(self, decoder, layout, raw_of, n_latent, frame_loss):
+        """Exact loss and gradient of the whole-video decode with one decoder call's activations alive at a
+        time: a first pass without autograd keeps the causal cache entering each call (the same time chunks
+        as the VAE's own decode); then, from the last chunk back, each is decoded again from its cache with
+        autograd and back-propagated together with the gradient its output cache received from the later
+        chunks (checkpointing along time)."""
         total_out = 1 + 4 * (n_latent - 1)
+        chunks = layout.chunks(n_latent)
 
-        def decode_frame(t, cache):
-            raw = raw_of(t).float()
+        def decode_chunk(s, e, cache):
+            raw = raw_of(s, e).float()
             with self._autocast(raw.device):
-                return decoder.decoder(decoder.conv2(raw), feat_cache=cache, feat_idx=[0])
+                return layout.decode(decoder, raw, cache)
 
         entering = []
-        cache = [None] * count_conv3d(decoder.decoder)
+        cache = layout.new_cache(decoder)
         with torch.no_grad():
-            for t in range(n_latent):
-                entering.append(list(cache))  # the decoder replaces entries, never edits them in place
-                decode_frame(t, cache)
+            for s, e in chunks:
+                # the decoder replaces entries, never edits them in place; newer ones keep views of a whole
+                # call's activations, so keep compact copies (the same values, only the cached frames alive)
+                cache[:] = [c.clone() if torch.is_tensor(c) else c for c in cache]
+                entering.append(list(cache))
+                decode_chunk(s, e, cache)
         loss_sum, grad_out = 0.0, None
-        for t in reversed(range(n_latent)):
-            leaves = [c.detach().requires_grad_(True) if torch.is_tensor(c) else c for c in entering[t]]
+        for (s, e), cache_in in reversed(list(zip(chunks, entering))):
+            leaves = [c.detach().requires_grad_(True) if torch.is_tensor(c) else c for c in cache_in]
             cache = list(leaves)
-            video = self.vae.process_output(decode_frame(t, cache).float())  # [B, 3, n, H, W]
+            video = self.vae.process_output(decode_chunk(s, e, cache).float())  # [B, 3, n, H, W]
             b, c, n, h, w = video.shape
-            first = 0 if t == 0 else 1 + 4 * (t - 1)
+            first = 0 if s == 0 else 1 + 4 * (s - 1)
             frames = video.permute(0, 2, 1, 3, 4).reshape(b * n, c, h, w)
             loss = frame_loss(frames, (torch.arange(b * n) % n) + first) * (n / total_out)
             tensors, grads = [loss], [torch.ones_like(loss)]
@@ -350,15 +398,15 @@ class HJBFaceGuidance:
             boxes[:, [1, 3]] -= y0 * up
             return hjb.identity_loss(recognizer(hjb.crop_faces(frames, boxes)), reference)
 
-        count_conv3d = self._causal_video_vae(decoder) if (self.framewise and video_layout) else None
+        causal = self._causal_video_vae(decoder) if (self.framewise and video_layout) else None
 
         def loss_fn(z, it):
             if bar is not None:
                 bar.update(1)
-            if count_conv3d is not None:
+            if causal is not None:
                 return self._framewise_loss(
-                    decoder, count_conv3d,
-                    lambda t: z[:, :, t:t + 1, y0:y1, x0:x1] * latent_scale[:, :, :1] + latent_shift[:, :, :1],
+                    decoder, causal,
+                    lambda s, e: z[:, :, s:e, y0:y1, x0:x1] * latent_scale[:, :, :1] + latent_shift[:, :, :1],
                     z.shape[2], frame_loss)
             zc = z[..., y0:y1, x0:x1]
             if video_layout:

@@ -438,8 +438,9 @@ class ArcFaceTorch(nn.Module):
     Other sizes than `input_size` are resized bilinearly. Fully differentiable.
     """
 
-    def __init__(self, net, input_mean=127.5, input_std=127.5, input_size=112, name=""):
+    def __init__(self, net, input_mean=127.5, input_std=127.5, input_size=112, name="", kind="arcface"):
         super().__init__()
+        self.kind = kind  # "arcface" or "curricularface": embeddings of different kinds never compare
         self.net = net.eval()
         self.input_mean = float(input_mean)
         self.input_std = float(input_std)
@@ -484,3 +485,12 @@ def arcface_from_iresnet_state_dict(sd, name=""):
     net = iresnet_from_state_dict(sd)
     size = 16 * math.isqrt(net.fc.in_features // net.widths[-1])
     return ArcFaceTorch(net, 127.5, 127.5, size, name=name)
+
+
+def recognizer_from_curricularface_state_dict(sd, name=""):
+    """CurricularFace IR backbone as an ArcFaceTorch: RGB [0, 1] -> (x * 255 - 127.5) / 127.5, the
+    evaluation scripts' x / 255 - 0.5 over 0.5."""
+    from .curricularface import curricularface_from_state_dict
+
+    net = curricularface_from_state_dict(sd)
+    return ArcFaceTorch(net, 127.5, 127.5, net.input_size, name=name, kind="curricularface")

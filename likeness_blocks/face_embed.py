@@ -187,3 +187,24 @@ def frame_embeddings(detector, rgb, dets, batch_size=64):
         crops = align_faces(img, kps, size).clamp(0, 1)
         embs.append(torch.from_numpy(detector.embed(crops.numpy(), batch_size=len(chunk))))
     return ids, torch.cat(embs)
+
+
+def all_faces_embedded(detector, rgb, det_size=640, threshold=0.5, batch_size=64):
+    """Every detected face of every frame, embedded in batches: (frame ids (N,), embeddings (N, D))."""
+    owners, imgs, kpss = [], [], []
+    for t in range(rgb.shape[0]):
+        boxes, kps, used, _ = detect_with_retries(detector, to_bgr_uint8(rgb[t]), det_size, threshold)
+        for k in range(len(boxes) if used is not None else 0):
+            owners.append(t)
+            kpss.append(np.asarray(kps[k], np.float32))
+    if not owners:
+        return [], torch.zeros(0, 512)
+    size = int(getattr(detector, "rec_input_size", 112))
+    step = max(1, int(batch_size))
+    embs = []
+    for s in range(0, len(owners), step):
+        chunk = owners[s:s + step]
+        img = rgb[chunk].permute(0, 3, 1, 2)
+        crops = align_faces(img, torch.from_numpy(np.stack(kpss[s:s + step])), size).clamp(0, 1)
+        embs.append(torch.from_numpy(detector.embed(crops.numpy(), batch_size=len(chunk))))
+    return owners, torch.cat(embs)

@@ -235,14 +235,38 @@ def _vae_module_class():
     return CogVideoXVAEModule
 
 
+def _pixels_to_unit_range(image):
+    """-1..1 -> 0..1 in place, as newer ComfyUI expects (its decode fills a preallocated buffer and ignores the
+    return value). An inference tensor outside inference mode cannot be edited in place (0.3.75's tiled decode
+    hands one over and uses the return value), so it gets a new tensor."""
+    if image.is_inference() and not torch.is_inference_mode_enabled():
+        return ((image + 1.0) / 2.0).clamp_(0.0, 1.0)
+    return image.add_(1.0).div_(2.0).clamp_(0.0, 1.0)
+
+
+class _DropNoWeightsWarning(logging.Filter):
+    def filter(self, record):
+        return "No VAE weights detected" not in record.getMessage()
+
+
 def make_vae(diffusers_vae, device=None, dtype=None):
-    """A comfy.sd.VAE around a diffusers AutoencoderKLCogVideoX (raw latents, 4x time / 8x space)."""
+    """A comfy.sd.VAE around a diffusers AutoencoderKLCogVideoX (raw latents, 4x time / 8x space).
+
+    comfy.sd.VAE's own __init__ runs first (with no weights, so it builds no model of its own): every attribute
+    this ComfyUI's encode/decode read gets its own default, whatever version; then the CogVideoX specifics."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
 
     class CogVideoXVAE(comfy.sd.VAE):
-        def __init__(self, module, device=None, dtype=None):  # noqa: D401 - no parent init (it needs a comfy sd)
+        def __init__(self, module, device=None, dtype=None):
+            quiet = _DropNoWeightsWarning()
+            root = logging.getLogger()
+            root.addFilter(quiet)
+            try:
+                super().__init__(sd={}, device=device, dtype=dtype)
+            finally:
+                root.removeFilter(quiet)
             self.memory_used_encode = lambda shape, dt: (1400 * max(shape[2], 2) * shape[3] * shape[4]) * mm.dtype_size(dt)
             self.memory_used_decode = lambda shape, dt: (2000 * shape[2] * shape[3] * shape[4] * (4 * 8 * 8)) * mm.dtype_size(dt)
             self.upscale_ratio = (lambda a: max(0, a * 4 - 3), 8, 8)
@@ -253,21 +277,17 @@ def make_vae(diffusers_vae, device=None, dtype=None):
             self.latent_dim = 3
             self.output_channels = 3
             self.process_input = lambda image: image * 2.0 - 1.0
-            self.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
+            self.process_output = _pixels_to_unit_range
             self.working_dtypes = [torch.bfloat16, torch.float16, torch.float32]
-            self.disable_offload = False
-            self.not_video = False
-            self.size = None
-            self.extra_1d_channel = None
-            self.crop_input = True
             self.first_stage_model = module.eval()
             self.device = device if device is not None else mm.vae_device()
-            offload = mm.vae_offload_device()
             self.vae_dtype = dtype if dtype is not None else mm.vae_dtype(self.device, self.working_dtypes)
             self.first_stage_model.to(self.vae_dtype)
             self.output_device = mm.intermediate_device()
+            # a plain ModelPatcher: diffusers modules are not built from comfy.ops, so no dynamic loading
             self.patcher = comfy.model_patcher.ModelPatcher(self.first_stage_model, load_device=self.device,
-                                                            offload_device=offload)
+                                                            offload_device=mm.vae_offload_device())
+            self.size = None
             self.model_size()
 
     return CogVideoXVAE(_vae_module_class()(diffusers_vae), device=device, dtype=dtype)

@@ -199,6 +199,18 @@ class InsightFacePack:
     def embed(self, crops_rgb01, batch_size=32):
         """(N, 3, S, S) float RGB in [0, 1], aligned -> (N, D) raw embeddings (float32), batched."""
         x = np.ascontiguousarray((np.asarray(crops_rgb01, dtype=np.float32) * 255.0 - self.rec_mean) / self.rec_std)
+        return self._run_rec(x, batch_size)
+
+    def embed_bgr(self, crops_bgr, batch_size=32):
+        """List/array of (S, S, 3) uint8 BGR aligned crops -> (N, D) raw embeddings, scaled as insightface's
+        own recogniser does it (cv2.dnn.blobFromImages: RGB, (x - mean) * (1 / std), fp32), batched."""
+        if len(crops_bgr) == 0:
+            return np.zeros((0, 512), dtype=np.float32)
+        x = np.stack([np.asarray(c)[..., ::-1] for c in crops_bgr]).astype(np.float32)
+        x = np.ascontiguousarray(((x - np.float32(self.rec_mean)) * np.float32(1.0 / self.rec_std)).transpose(0, 3, 1, 2))
+        return self._run_rec(x, batch_size)
+
+    def _run_rec(self, x, batch_size):
         if x.shape[0] == 0:
             return np.zeros((0, 512), dtype=np.float32)
         step = self.rec_fixed_batch or max(1, int(batch_size))
@@ -266,7 +278,7 @@ def load_pack(name, provider="auto"):
 # ---------------------------------------------------------------------------------------------
 # differentiable ArcFace sources
 
-TORCH_EXTS = (".pth", ".pt", ".safetensors")
+TORCH_EXTS = (".pth", ".pt", ".safetensors", ".bin")  # .bin: CurricularFace glint360k_curricular_face_r101_backbone.bin
 
 
 def list_arcface_sources():
@@ -290,7 +302,7 @@ def list_arcface_sources():
                         rel = os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
                         out.append(f"{key}/{rel}")
     # recognisers first (glintr100 / w600k / arcface names), then the rest in order
-    rank = lambda s: (0 if any(k in s.lower() for k in ("glintr", "w600k", "arcface", "r100", "r50", "rec")) else 1, s)
+    rank = lambda s: (0 if any(k in s.lower() for k in ("glintr", "w600k", "arcface", "curricular", "r100", "r101", "r50", "rec")) else 1, s)
     return sorted(dict.fromkeys(out), key=rank)
 
 
@@ -312,7 +324,8 @@ def _resolve_arcface_source(source):
     raise FileNotFoundError(
         f"ArcFace source '{source}' was not found. Put a recognition .onnx in an InsightFace pack "
         "(models/insightface/models/<pack>/glintr100.onnx) or a torch iresnet checkpoint such as StableAnimator's "
-        "glintr100_torch.pth in models/stableanimator/ or models/insightface/, then refresh the node list."
+        "glintr100_torch.pth in models/stableanimator/ or models/insightface/ (CurricularFace: "
+        "glint360k_curricular_face_r101_backbone.bin in models/insightface/), then refresh the node list."
     )
 
 
@@ -352,4 +365,10 @@ def load_arcface_torch(source):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise ValueError(f"{source} holds a {type(sd).__name__}, not a state dict of tensors.")
+    from ..likeness_blocks.curricularface import is_curricularface_state_dict
+
+    if is_curricularface_state_dict(sd):
+        from ..likeness_blocks.arcface import recognizer_from_curricularface_state_dict
+
+        return recognizer_from_curricularface_state_dict(sd, name=source)
     return arcface_from_iresnet_state_dict(sd, name=source)

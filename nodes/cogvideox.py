@@ -28,16 +28,29 @@ def _roots(kind):
     return roots
 
 
+# a diffusers pipeline folder is listed as itself ("CogVideoX-5b-I2V/"), the form the docs give, not as its subfolder
+PIPELINE_SUBFOLDERS = {"diffusion_models": ("transformer", "transformer_ema"), "vae": ("vae",)}
+
+
 def _list_models(kind):
-    """Diffusers folders (shown with a trailing '/') and single .safetensors files under the `kind`
-    folders and models/cogvideox. A folder counts when it holds config.json next to .safetensors."""
+    """Diffusers folders (shown with a trailing '/'; a pipeline folder as itself and as its subfolder) and single .safetensors files under
+    the `kind` folders and models/cogvideox. A folder counts when it holds config.json next to .safetensors."""
     found = set()
+
+    def is_model_dir(path, filenames=None):
+        names = filenames if filenames is not None else (os.listdir(path) if os.path.isdir(path) else [])
+        return "config.json" in names and any(f.endswith(".safetensors") for f in names)
+
     for root in _roots(kind):
         if not os.path.isdir(root):
             continue
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             rel = os.path.relpath(dirpath, root)
-            has_cfg = "config.json" in filenames and any(f.endswith(".safetensors") for f in filenames)
+            has_cfg = is_model_dir(dirpath, filenames)
+            pipeline = rel != "." and any(is_model_dir(os.path.join(dirpath, sub))
+                                          for sub in PIPELINE_SUBFOLDERS.get(kind, ()) if sub in dirnames)
+            if pipeline:  # its transformer/ (vae/) subfolder stays listed too, for graphs saved with that form
+                found.add(rel.replace(os.sep, "/") + "/")
             if has_cfg and rel != ".":
                 found.add(rel.replace(os.sep, "/") + "/")
                 continue

@@ -24,7 +24,8 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The video model to guide (patched on a copy)."),
                 io.Vae.Input("vae", tooltip="The VAE that decodes this model's latents."),
-                ArcFaceTorch.Input("arcface", tooltip="Differentiable ArcFace (Load Differentiable ArcFace)."),
+                ArcFaceTorch.Input("arcface", tooltip="Differentiable recogniser from Load Differentiable ArcFace: ArcFace "
+                                                      "(glintr100 / w600k ONNX or .pth) or CurricularFace IR-101 (.bin)."),
                 FaceEmbeds.Input("reference", tooltip="Reference face(s) from ArcFace Embed; several are averaged."),
                 io.Mask.Input("face_mask", optional=True,
                               tooltip="Face region per output frame at OUTPUT resolution (one mask = every frame). "
@@ -71,6 +72,13 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
 
         if end_percent < start_percent:
             raise ValueError(f"end_percent ({end_percent}) is before start_percent ({start_percent}): swap them.")
+        if getattr(arcface, "kind", "arcface") != "arcface" and not str(reference.model_name).startswith(getattr(arcface, "name", "?")):
+            # embeddings of different recognisers live in different spaces: the loss would be meaningless
+            raise ValueError(
+                f"'arcface' is a {arcface.kind} recogniser ({arcface.name}) but 'reference' was embedded with "
+                f"{reference.model_name or 'an InsightFace pack'}; HJB needs the reference embedded by the same recogniser. "
+                "Use an ArcFace recogniser (the pack's recognition .onnx) with ArcFace Embed's reference."
+            )
         ref = F.normalize(reference.embeddings(normalized=True).mean(0), dim=-1)
         boxes = None
         if face_mask is not None:

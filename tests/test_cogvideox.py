@@ -249,6 +249,13 @@ def test_vae_round_trip_equals_diffusers(tiny, L):
     pix = cvae.decode(lat)
     assert pix.shape == (1, 9, 32, 48, 3)
     assert (pix[0] - ref_pix).abs().max() < 1e-5
+    # pixel values (not only shapes) on every decode path this ComfyUI has: under inference mode as the executor
+    # runs nodes (newer decode converts a preallocated buffer in place), and the tiled path with one tile
+    with torch.inference_mode():
+        assert (cvae.decode(lat)[0] - ref_pix).abs().max() < 1e-5
+        assert (cvae.decode_tiled(lat, tile_x=64, tile_y=64, overlap=1)[0] - ref_pix).abs().max() < 1e-5
+    assert (cvae.decode_tiled(lat, tile_x=64, tile_y=64, overlap=1)[0] - ref_pix).abs().max() < 1e-5
+    assert ref_pix.min() < 0.3 and ref_pix.max() > 0.7, "the check needs pixels away from the middle grey"
     # tiled decode (stock 'VAE Decode (Tiled)' path) runs and keeps the frame count
     tiled = cvae.decode_tiled(lat, tile_x=4, tile_y=4, overlap=1)
     assert tiled.shape[1:] == (9, 32, 48, 3)

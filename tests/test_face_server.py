@@ -61,11 +61,26 @@ def test_face_nodes_are_listed(face_server):
 def test_embed_and_metrics_end_to_end(face_server):
     hist = face_server.run(metrics_prompt(), timeout=180)
     out = hist["outputs"]
-    assert out["7"]["text"][0].startswith("similarity to reference")
+    assert "similarity to reference" in out["7"]["text"][0]
     assert face_server.output_files(hist, "8"), "the metrics plot was not saved"
     png = face_server.view(*face_server.output_files(hist, "8")[0])
     assert png[:4] == b"\x89PNG"
     assert "image 0: 1 face(s) detected, kept 1" in out["3"]["text"][0]
+
+
+def test_text_result_reaches_history_when_the_node_is_cached(face_server):
+    """The report a node shows (ArcFace Embed, Load InsightFace) reaches /history on every run, also when the
+    node's result comes from the cache (newer ComfyUI resends cached UI only for has_intermediate_output)."""
+    p = embed_prompt(image="face_two.png", face_choice="largest")
+    p["4"]["inputs"]["images"] = ["3", 2]  # another output node, so the prompt is not a duplicate as a whole
+    first = face_server.run(embed_prompt(image="face_two.png", face_choice="largest"), timeout=120)
+    again = face_server.run(p, timeout=120)
+    for hist in (first, again):
+        assert "kept 1" in hist["outputs"]["3"]["text"][0], hist["outputs"].keys()
+        assert hist["outputs"]["1"]["text"][0], "Load InsightFace's status is missing"
+    assert again["status"]["messages"] and any(
+        m[0] == "execution_cached" and "3" in m[1].get("nodes", []) for m in again["status"]["messages"]), \
+        "node 3 was not served from the cache: the test would not check the cached path"
 
 
 @pytest.mark.parametrize("prompt,message", [

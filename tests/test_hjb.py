@@ -2,6 +2,8 @@
 hook on tiny native models (Wan, SVD) in-process."""
 
 import copy
+import importlib
+import logging
 
 import pytest
 import torch
@@ -221,13 +223,15 @@ def test_detector_boxes_on_the_first_active_step(pack, wan):
         assert det.calls > first_calls
 
 
-def test_framewise_decode_equals_whole_decode(pack, wan):
-    """Low-memory decode (checkpointed along time): the same loss and gradient as decoding the
-    whole video at once."""
+@pytest.mark.parametrize("n_latent", [3, 4])
+def test_framewise_decode_equals_whole_decode(pack, wan, n_latent, caplog):
+    """Low-memory decode (checkpointed along time): the same loss and gradient as this ComfyUI's own
+    whole-video decode (0.3.75 walks one latent frame per call; newer ones frame 0 alone, then pairs, and an
+    even count ends on a single frame), with no fallback logged."""
     model, vae = wan
     rec, ref = TinyRecognizer(), F.normalize(torch.randn(512), dim=0)
     boxes = torch.tensor([[8, 8, 56, 56]])
-    z0 = torch.randn(1, 16, 3, 8, 8)
+    z0 = torch.randn(1, 16, n_latent, 8, 8, generator=torch.Generator().manual_seed(n_latent))
     grads, losses = [], []
     for framewise in (False, True):
         hook = _hook(pack, vae, rec, ref, face_boxes=boxes, window_margin=64, framewise=framewise)
@@ -237,11 +241,15 @@ def test_framewise_decode_equals_whole_decode(pack, wan):
         def frame_loss(frames, idx):
             return hjb.identity_loss(r(hjb.crop_faces(frames, boxes[idx % 1])), ref)
 
-        raw = lambda t: z[:, :, t:t + 1] * 1.0
+        raw = lambda s, e: z[:, :, s:e] * 1.0
         if framewise:
-            loss = hook._framewise_loss(dec, hook._causal_video_vae(dec), raw, 3, frame_loss)
+            with caplog.at_level(logging.WARNING, logger="likeness"):
+                layout = hook._causal_video_vae(dec)
+            assert layout is not None and not caplog.records, "this ComfyUI's Wan VAE layout must be known"
+            loss = hook._framewise_loss(dec, layout, raw, n_latent, frame_loss)
         else:
             frames, per = hook._frames(dec, z)
+            assert per == 1 + 4 * (n_latent - 1)
             l = frame_loss(frames, torch.arange(frames.shape[0]))
             l.backward()
             loss = float(l.detach())
@@ -249,6 +257,21 @@ def test_framewise_decode_equals_whole_decode(pack, wan):
         losses.append(loss)
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4), (grads[0] - grads[1]).abs().max()
+
+
+def test_low_memory_decode_fallback_is_logged_once(pack, caplog):
+    """A 5-D latent whose VAE is not Wan's causal VAE cannot be decoded piecewise: the hook says so once, why,
+    and what it costs (it then decodes whole)."""
+    sampler_hook = importlib.import_module(f"{pack.__name__}.adapters.sampler_hook")
+    other = torch.nn.Conv3d(1, 1, 1)
+    layout, why = sampler_hook.wan_causal_layout(other)
+    assert layout is None and "not Wan 2.1" in why
+    hook = _hook(pack, None, TinyRecognizer(), F.normalize(torch.randn(512), dim=0), framewise=True)
+    with caplog.at_level(logging.WARNING, logger="likeness"):
+        assert hook._causal_video_vae(other) is None
+        assert hook._causal_video_vae(other) is None
+    msgs = [r.getMessage() for r in caplog.records if "low_memory_decode" in r.getMessage()]
+    assert len(msgs) == 1 and "Conv3d" in msgs[0] and "memory that grows" in msgs[0], msgs
 
 
 @pytest.mark.parametrize("low_memory", [False, True])

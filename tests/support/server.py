@@ -171,6 +171,12 @@ class ComfyServer:
             status, answer = self.post_prompt(prompt, extra_data)
             if status != 200 or "prompt_id" not in answer:
                 raise PromptFailed(f"prompt rejected ({status}): {json.dumps(answer)[:3000]}", response=answer)
+            if answer.get("node_errors"):
+                # newer ComfyUI queues the valid part of a prompt and answers 200 with the refused nodes: a test
+                # that passed here would have run a different graph than it sent
+                self.interrupt_prompt(answer["prompt_id"])
+                raise PromptFailed(f"prompt partly refused (node_errors): {json.dumps(answer['node_errors'])[:3000]}",
+                                   response=answer)
             pid = answer["prompt_id"]
             error = None
             deadline = time.time() + timeout
@@ -209,6 +215,24 @@ class ComfyServer:
         if not hist or hist.get("status", {}).get("status_str") != "success":
             raise PromptFailed(f"prompt {pid} did not succeed: {json.dumps(hist)[:3000]}", history=hist)
         return hist
+
+    def interrupt_prompt(self, prompt_id):
+        """Takes a queued prompt off the queue, or interrupts it if it already runs."""
+        req = urllib.request.Request(self.url + "/queue", data=json.dumps({"delete": [prompt_id]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=10).read()
+        except OSError:
+            pass
+        running = self.get_json("/queue").get("queue_running", [])
+        if any(len(item) > 1 and item[1] == prompt_id for item in running):
+            self.interrupt()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            q = self.get_json("/queue")
+            if not any(len(item) > 1 and item[1] == prompt_id for item in q.get("queue_running", []) + q.get("queue_pending", [])):
+                return
+            time.sleep(0.1)
 
     def interrupt(self):
         req = urllib.request.Request(self.url + "/interrupt", data=b"{}", headers={"Content-Type": "application/json"})
