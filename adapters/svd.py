@@ -17,10 +17,10 @@ window but tells SVD the window length).
 Patches are applied to a clone; patch objects survive ModelPatcher.clone()'s deepcopy as themselves.
 """
 
+import logging
+
 import torch
 import torch.nn.functional as F
-
-import logging
 
 from .context_windows import window_frames
 from ..likeness_blocks.stableanimator import normalized_id_attention, tile_indices, tile_weights
