@@ -12,9 +12,16 @@ additional model of the clone, so ComfyUI's model management moves them to the G
 
 Both CFG branches get the same ID tokens (upstream broadcasts batch-1 ID tensors against the batch-2 CFG input).
 start/end percent use ComfyUI's sigma convention; outside the window the model runs unpatched.
+
+Beyond 49 frames: put Context Windows (Manual) on dim 2 after this node. The ID tokens belong to the video, not to
+frames, so every window's model call gets them. ComfyUI 0.3.75 does not slice the I2V image condition (``c_concat``,
+5-D) for a window; an APPLY_MODEL wrapper on the clone takes it at the frames the window holds (0.33 slices it itself,
+and the wrapper then has nothing to do).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn as nn
@@ -23,9 +30,28 @@ import comfy.model_patcher
 import comfy.patcher_extension
 
 from .cogvideox import refuse_comfy_native_cogvideox
+from .context_windows import window_frames
 from .layer_injection import LayerInjector
 
 WRAPPER_KEY = "likeness_fantasyid_layer_injection"
+WINDOW_CONCAT_KEY = "likeness_fantasyid_window_concat"
+log = logging.getLogger("likeness")
+_warned_concat = [False]
+
+
+def window_concat_apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                              **kwargs):
+    """The I2V image condition at the frames of a context window's call, where ComfyUI left it whole (0.3.75)."""
+    if (c_concat is not None and c_concat.ndim == 5 and x.ndim == 5 and c_concat.shape[2] != x.shape[2]
+            and transformer_options.get("context_window") is not None):
+        held = window_frames(transformer_options, x.shape[2], "FantasyID (CogVideoX I2V)")
+        if max(held) < c_concat.shape[2]:
+            if not _warned_concat[0]:
+                _warned_concat[0] = True
+                log.warning("Likeness FantasyID: this ComfyUI did not slice the I2V image condition for the context "
+                            "window; taking it at the window's frames here.")
+            c_concat = c_concat[:, :, held]
+    return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
 def _cog_dit(model_patcher):
@@ -178,6 +204,8 @@ def apply_layer_injection(model_patcher, layer_attention, id_tokens, strength=1.
     m = model_patcher.clone()
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, make_wrapper(state))
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WINDOW_CONCAT_KEY)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WINDOW_CONCAT_KEY, window_concat_apply_model)
     la_patcher = comfy.model_patcher.ModelPatcher(layer_attention, load_device=model_patcher.load_device,
                                                   offload_device=model_patcher.offload_device)
     m.set_additional_models(WRAPPER_KEY, [la_patcher])

@@ -159,6 +159,7 @@ class HJBFaceGuidance:
         self.precision = precision
         self._sd_family = False  # set with the decoder copy: SD-family decoders get channels-last inputs
         self._run_boxes = None
+        self._segment_boxes = {}  # context windows: detector boxes per piece of the video, per sampling run
         self._last_step = None
         self.iterations = iterations
         self.eta = eta
@@ -328,6 +329,29 @@ class HJBFaceGuidance:
             raise ValueError(f"HJB Face Guidance: face_mask has {n_masks} masks but the video has {n_out} frames; "
                              "give one mask (used for every frame) or exactly one per frame.")
 
+    # --- context windows ------------------------------------------------------------------
+    @staticmethod
+    def time_segments(denoised, model_options):
+        """[(start, stop)] along the time axis when the sampler uses ComfyUI's context windows (Context Windows
+        (Manual) / WAN Context Windows): the fused prediction is refined in near-equal pieces no longer than one
+        window, so memory follows the window, not the video. None: one piece (the whole video)."""
+        handler = (model_options or {}).get("context_handler")
+        if handler is None:
+            return None
+        axis = 2 if denoised.ndim == 5 else 0
+        length = int(getattr(handler, "context_length", 0) or 0)
+        n = denoised.shape[axis]
+        if getattr(handler, "dim", None) != axis:
+            log.warning("HJB Face Guidance: the context windows run on dim %s but this model's frames are on dim %d; "
+                        "refining the whole video at once (memory follows the video length)",
+                        getattr(handler, "dim", None), axis)
+            return None
+        if length < 1 or n <= length:
+            return None
+        k = -(-n // length)
+        bounds = [round(j * n / k) for j in range(k + 1)]
+        return [(bounds[j], bounds[j + 1]) for j in range(k)]
+
     def __call__(self, args):
         denoised = args["denoised"]
         i, total = self.step_index(args)
@@ -335,7 +359,37 @@ class HJBFaceGuidance:
             return denoised
         if i <= self.start_percent * total + 1e-9:
             self.last_losses = []
-        model = args["model"]
+        new_run = self._run_boxes is None or self._last_step is None or i <= self._last_step
+        self._last_step = i
+        if self.face_boxes is not None:  # against the whole video, before any window-sized piece
+            self._check_mask_count(denoised)
+        segments = self.time_segments(denoised, args.get("model_options"))
+        if segments is None:
+            refined, losses = self._refine(args["model"], denoised, i, total, new_run, 0)
+            self.last_losses.append((i, losses))
+            return refined
+        axis = 2 if denoised.ndim == 5 else 0
+        tc = 1
+        if axis == 2:
+            tc = (self.vae.temporal_compression_decode() if hasattr(self.vae, "temporal_compression_decode") else None) or 4
+        if new_run:
+            self._segment_boxes = {}
+        parts, losses = [], None
+        n = denoised.shape[axis]
+        for start, stop in segments:
+            # a piece decoded on its own: its output frame j is the video's frame tc*start + j (Wan: the first
+            # latent frame of a piece decodes to one frame, the last of that latent's group in the whole video)
+            part, part_losses = self._refine(args["model"], denoised.narrow(axis, start, stop - start), i, total,
+                                             new_run, tc * start, segment=start)
+            parts.append(part)
+            w = (stop - start) / n
+            losses = [w * l for l in part_losses] if losses is None else [a + w * l for a, l in zip(losses, part_losses)]
+        self.last_losses.append((i, losses))
+        return torch.cat(parts, axis)
+
+    def _refine(self, model, denoised, i, total, new_run, frame_offset, segment=None):
+        """HJB on one piece of the prediction (the whole video outside context windows); ``frame_offset``: the
+        video output frame of the piece's first decoded frame (face boxes follow it)."""
         device = denoised.device
         decoder, recognizer = self._decoder(device)
         lr = hjb.hjb_learning_rate(i, total, self.eta)
@@ -344,14 +398,23 @@ class HJBFaceGuidance:
         up = self.vae.spacial_compression_decode() if hasattr(self.vae, "spacial_compression_decode") else 8
         boxes_all = self.face_boxes
         if boxes_all is None and self.detector is not None:
-            if self._run_boxes is None or self._last_step is None or i <= self._last_step:  # a new sampling run
-                self._run_boxes = self.detect_boxes(decoder, model, denoised)
-            boxes_all = self._run_boxes
-        self._last_step = i
+            if segment is None:
+                if new_run:  # a new sampling run
+                    self._run_boxes = self.detect_boxes(decoder, model, denoised)
+                boxes_all = self._run_boxes
+            else:  # each piece's own preview decode: its frames, its boxes
+                if segment not in self._segment_boxes:
+                    self._segment_boxes[segment] = self.detect_boxes(decoder, model, denoised)
+                self._run_boxes = boxes_all = self._segment_boxes[segment]
+            frame_offset = 0
         if boxes_all is None:
             boxes_all = torch.tensor([[0, 0, lat_w * up, lat_h * up]])
-        elif self.face_boxes is not None:
-            self._check_mask_count(denoised)
+        elif frame_offset and len(boxes_all) > 1:
+            n_out = denoised.shape[0] if not video_layout else None
+            if n_out is None:
+                tc = self.vae.temporal_compression_decode() if hasattr(self.vae, "temporal_compression_decode") else None
+                n_out = 1 + (tc or 4) * (denoised.shape[2] - 1)
+            boxes_all = boxes_all[(torch.arange(n_out) + frame_offset) % len(boxes_all)]
         y0, y1, x0, x1 = hjb.latent_window(boxes_all, up, self.window_margin, lat_h, lat_w)
         n_latent_frames = denoised.shape[0]
         bar = comfy.utils.ProgressBar(self.iterations) if self.progress else None
@@ -410,9 +473,9 @@ class HJBFaceGuidance:
             latent_shift = model.process_latent_out(probe).clone()
             latent_scale = model.process_latent_out(probe + 1).clone() - latent_shift
             x0_ref, losses = hjb.refine_x0(denoised.clone(), loss_fn, self.iterations, lr, between)
-        self.last_losses.append((i, losses))
         refined = x0_ref.to(denoised.dtype)
-        return denoised + self.strength * (refined - denoised)
+        return denoised + self.strength * (refined - denoised), losses
+
 
 
 def apply_hjb(model, hook):

@@ -8,15 +8,28 @@
 - PoseNet: an ``input_block_patch`` that adds the pose latents right after the first convolution
   (``block == ("input", 0)``), to conditional chunks only.
 
+Long videos: either the pack's StableAnimator Long Video tiles (upstream's scheme: every tile holds frame 0) or
+ComfyUI's Context Windows (Manual) node on dim 0 (frames are SVD's batch axis), not both. Under a context window the
+pose latents and per-frame face tokens are taken at the frames that window's model call holds
+(adapters/context_windows.py); ``num_video_frames`` is set to that call's frame count (0.33 adds an anchor frame to a
+window but tells SVD the window length).
+
 Patches are applied to a clone; patch objects survive ModelPatcher.clone()'s deepcopy as themselves.
 """
+
+import logging
 
 import torch
 import torch.nn.functional as F
 
+from .context_windows import window_frames
 from ..likeness_blocks.stableanimator import normalized_id_attention, tile_indices, tile_weights
 
+log = logging.getLogger("likeness")
+
 FRAME_INDICES = "likeness_frame_indices"  # transformer_options key: (tile frame indices, total frames)
+POSE_CHUNK = 16  # pose frames through PoseNet at once
+WINDOW_WRAPPER_KEY = "likeness_svd_context_window_frames"
 
 
 def _attention_fn():
@@ -139,6 +152,10 @@ class IDAttentionPatch(_Shared):
         tile = extra_options.get(FRAME_INDICES)
         if tile is not None and ik.shape[0] == tile[1]:
             ik, iv = ik[tile[0]], iv[tile[0]]
+        elif ik.shape[0] > 1:
+            held = window_frames(extra_options, frames, "StableAnimator ID Adapter")
+            if held is not None and ik.shape[0] > max(held):  # per-frame face tokens: this window's frames
+                ik, iv = ik[held], iv[held]
         if ik.shape[0] == 1:
             ik, iv = ik.expand(frames, -1, -1), iv.expand(frames, -1, -1)
         elif ik.shape[0] != frames:
@@ -183,6 +200,7 @@ def apply_id_adapter(model, id_weights, face_tokens, strength=1.0, start_percent
         p = IDAttentionPatch(key, wk, wv, face_tokens, strength, sigma_start, sigma_end, inner=inner)
         m.set_model_attn2_replace(p, key[0], key[1], key[2])
         patches.append(p)
+    _add_window_frames_wrapper(m)
     return m, patches
 
 
@@ -208,7 +226,8 @@ class PosePatch(_Shared):
             with torch.no_grad():
                 if dev_net != device:
                     net = _moved(net, device)
-                lat = net(x.to(device))
+                # frame by frame network: a chunk's activations at a time, whatever the video length
+                lat = torch.cat([net(x[c:c + POSE_CHUNK].to(device)) for c in range(0, x.shape[0], POSE_CHUNK)])
             self._cache = {ck: lat.to(dtype)}
         return self._cache[ck]
 
@@ -220,7 +239,14 @@ class PosePatch(_Shared):
         n = self.pose_images.shape[0]
         tile = transformer_options.get(FRAME_INDICES)
         total = frames if tile is None else tile[1]
-        if n != total:
+        held = window_frames(transformer_options, frames, "StableAnimator PoseNet") if tile is None else None
+        if held is not None:  # a context window: the pose frames of the video frames this call holds
+            video = getattr(transformer_options["context_window"], "total_frames", 0) or None  # 0.33 knows it
+            if n <= max(held) or (video is not None and n != video):
+                raise ValueError(f"StableAnimator PoseNet: the pose sequence has {n} frames but the video latent has "
+                                 f"{video or 'more than ' + str(max(held))}; give one pose image per video frame "
+                                 "(set video_frames to the number of pose frames, or trim the pose frames).")
+        elif n != total:
             raise ValueError(f"StableAnimator PoseNet: the pose sequence has {n} frames but the video latent has "
                              f"{total}; give one pose image per video frame (set video_frames to {n}, or trim the "
                              "pose frames).")
@@ -230,6 +256,8 @@ class PosePatch(_Shared):
         lat = self.pose_latents(h.shape[-2:], h.device, h.dtype)
         if tile is not None:
             lat = lat[tile[0]]
+        elif held is not None:
+            lat = lat[held]
         lat = lat * self.strength
         add = torch.cat([torch.zeros_like(lat) if f == 1 else lat for f in flags])
         return h + add
@@ -247,7 +275,59 @@ def apply_pose(model, pose_net, pose_images, strength=1.0):
     m = model.clone()
     p = PosePatch(pose_net, pose_images, strength)
     m.set_model_input_block_patch(p)
+    _add_window_frames_wrapper(m)
     return m, p
+
+
+_warned_frames = [False]
+
+
+def window_frames_apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                              **kwargs):
+    """APPLY_MODEL wrapper: under a context window, SVD's temporal layers are told the frames the call holds.
+    ComfyUI 0.33 sets ``num_video_frames`` to the window length even when it adds an anchor frame before the window
+    (causal_window_fix), which would fold frames of the two CFG branches together."""
+    nvf = kwargs.get("num_video_frames")
+    if transformer_options.get("context_window") is not None and isinstance(nvf, int):
+        chunks = len(transformer_options.get("cond_or_uncond") or [0])
+        held = x.shape[0] // chunks
+        if held != nvf and x.shape[0] % chunks == 0:
+            if not _warned_frames[0]:
+                _warned_frames[0] = True
+                log.warning("Likeness StableAnimator: the context window's model call holds %d frames but SVD was told "
+                            "%d (ComfyUI's causal_window_fix anchor frame); using %d.", held, nvf, held)
+            kwargs["num_video_frames"] = held
+    return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+CONTEXT_WINDOWS_UNSUPPORTED = (
+    "StableAnimator: this ComfyUI's Context Windows cannot run SVD, whose frames are on the batch axis: its window "
+    "step lookup fails on SVD's per-frame timesteps (ComfyUI 0.3.x). Use the pack's StableAnimator Long Video node "
+    "instead of the Context Windows node (or a ComfyUI whose context windows support SVD, e.g. 0.33).")
+
+
+def context_windows_supported_check(executor, x, timestep, model_options={}, seed=None):
+    """PREDICT_NOISE wrapper: a clear message where ComfyUI's own context handler cannot take SVD's per-frame
+    timesteps (0.3.75's set_step compares every frame's sigma with the schedule and fails), instead of its error."""
+    handler = (model_options or {}).get("context_handler")
+    if (handler is not None and getattr(handler, "dim", None) == 0 and torch.is_tensor(timestep)
+            and timestep.numel() > 1 and x.shape[0] > getattr(handler, "context_length", x.shape[0])):
+        try:
+            handler.set_step(timestep, model_options)  # what the handler does first with this step anyway
+        except RuntimeError as e:
+            raise ValueError(CONTEXT_WINDOWS_UNSUPPORTED) from e
+    return executor(x, timestep, model_options, seed)
+
+
+def _add_window_frames_wrapper(m):
+    import comfy.patcher_extension
+
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WINDOW_WRAPPER_KEY)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WINDOW_WRAPPER_KEY,
+                           window_frames_apply_model)
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WINDOW_WRAPPER_KEY)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WINDOW_WRAPPER_KEY,
+                           context_windows_supported_check)
 
 
 def tiled_apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
@@ -255,6 +335,10 @@ def tiled_apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=N
     """APPLY_MODEL wrapper: StableAnimator's long-video tiling. Every cond/uncond chunk of F frames is run as tiles
     (frame 0 in each), and the per-frame outputs are blended with triangular weights (normalised per frame).
     The model's output is linear in the UNet output at one sigma, so blending it equals blending the UNet output."""
+    if transformer_options.get("context_window") is not None:
+        raise ValueError("StableAnimator Long Video and ComfyUI's Context Windows both split this video into pieces: "
+                         "use one. StableAnimator Long Video keeps frame 0 (the reference) in every tile, as upstream; "
+                         "remove the Context Windows node, or remove StableAnimator Long Video to use context windows.")
     flags = list(transformer_options.get("cond_or_uncond") or [0])
     rows = x.shape[0]
     if rows % len(flags):
@@ -304,4 +388,5 @@ def apply_tiling(model, tile_size=16, overlap=4):
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, TILE_WRAPPER_KEY)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, TILE_WRAPPER_KEY,
                            functools.partial(tiled_apply_model, tile_size=tile_size, overlap=overlap))
+    _add_window_frames_wrapper(m)
     return m

@@ -12,6 +12,12 @@ per reference, see nodes/concat_id.py). The patch is made of public extension po
 
 Outside the start/end range (or with strength 0) the references are left out of the model call
 entirely, i.e. the model runs as plain text-to-video.
+
+Under ComfyUI's context windows (Context Windows (Manual) / WAN Context Windows after this patch) every window's
+model call comes through the wrapper with that window's frames only: the references are appended after them and get
+their RoPE slot relative to the window (time = the number of frames in the call), so each window is anchored on the
+same reference as a short clip would be; the reference output is cut off before the windows are fused. The clone
+also keeps ``time_dim_concat`` out of the windows' slicing (adapters/context_windows.py), on both ComfyUI versions.
 """
 
 import logging
@@ -27,6 +33,7 @@ from comfy.ldm.flux.math import apply_rope1
 from comfy.ldm.modules.attention import optimized_attention
 from comfy.ldm.wan.model import WanModel, sinusoidal_embedding_1d
 
+from .context_windows import keep_conds_whole
 from ..likeness_blocks.concat_id import (
     PLACEMENTS,
     attention_key_bias_pad,
@@ -242,4 +249,5 @@ def apply_concat_id(model_patcher, adaln=None, strength=1.0, start_percent=0.0, 
     )
     for i in range(len(dm.blocks)):
         m.set_model_patch_replace(make_block_patch(i), "dit", "double_block", i)
+    keep_conds_whole(m, ("time_dim_concat",))  # the references are the same for every context window
     return m

@@ -222,7 +222,9 @@ class ConcatIDModelPatch(io.ComfyNode):
                 "Patches a native Wan 2.1 MODEL (on a clone) to run Concat-ID's forward for the reference frames: "
                 "RoPE slot right after the last video frame and shifted one frame-width to the right, no text "
                 "cross-attention for the references, reference output cut off before the sampler step; with the "
-                "AdaLN weights the references get their own modulation (second_stage_adaln.pt). " + MULTI_REF_WARNING
+                "AdaLN weights the references get their own modulation (second_stage_adaln.pt). Long videos: put "
+                "WAN Context Windows (Manual) after this node; every window then gets the same references, in their "
+                "slot right after that window's frames, and no reference frame reaches the output. " + MULTI_REF_WARNING
             ),
             inputs=[
                 io.Model.Input("model", tooltip="A native Wan 2.1 T2V MODEL, ideally loaded from a Concat-ID checkpoint."),

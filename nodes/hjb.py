@@ -17,7 +17,10 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
             description="StableAnimator's HJB face optimisation inside any sampler: at each active step the "
                         "predicted clean video is refined with Adam so its decoded faces match the reference "
                         "ArcFace embedding. Works with Wan, SVD and the pack's CogVideoX through their VAEs. "
-                        "Costs extra decoder and recogniser passes per active step.",
+                        "Costs extra decoder and recogniser passes per active step. With context windows (Context "
+                        "Windows / WAN Context Windows) it works on the fused prediction, after the windows are "
+                        "merged and CFG applied, in pieces no longer than one window, each decoded and refined on "
+                        "its own with the face boxes of its frames: memory follows the window, not the video.",
             inputs=[
                 io.Model.Input("model", tooltip="The video model to guide (patched on a copy)."),
                 io.Vae.Input("vae", tooltip="The VAE that decodes this model's latents."),

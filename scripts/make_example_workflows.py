@@ -46,6 +46,17 @@ NOTES = {
         ('Concat-ID: models and folders',
          "Concat-ID on Wan 2.1 T2V 1.3B (Likeness)\n\nModel files and folders (ComfyUI/models/...):\n- concat_id/second_stage_adaln.pt  (AdaLN model; or first_stage.pt) from HF yongzhong/Concat-ID-Wan. The file holds the full Wan 2.1 1.3B weights: no separate Wan checkpoint needed.\n- text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (or umt5_xxl_fp16) - Wan 2.1 text encoder\n- vae/wan_2.1_vae.safetensors - Wan 2.1 VAE\n- insightface/models/antelopev2/*.onnx - face detector for ArcFace Embed (keypoints for alignment; non-commercial licence)\n\nConcat-ID settings: 480x832, 81 frames, 50 steps, CFG 5, flow shift 5, 16 fps.\nThe reference face is aligned to 448 px, (optionally masked: connect a face-parsing MASK keeping face+hair), padded to the video size and appended as one extra latent frame; the patch gives it Concat-ID's RoPE slot and cuts it off the output.\nThe released weights were trained with ONE reference; more references (a batch of images) work but are untrained.\nfirst_stage.pt also loads with the stock Load Diffusion Model node (put it in diffusion_models/) + the patch without weights."),
     ],
+    "concat_id_wan_long": [(
+        "Concat-ID long video: context windows",
+        "Concat-ID Wan beyond its 81 trained frames: WAN Context Windows (Manual) after the Concat-ID Model Patch runs "
+        "the 161 frames as windows of 81 overlapping 16 (static schedule, pyramid fusion). Every window's model call "
+        "gets the same reference frame in its own RoPE slot right after that window's frames; the reference never "
+        "reaches the output. Identity Metrics on the decoded video: per-frame similarity, its per-second curve and "
+        "drift (last second / first second; the gate fails below 0.9).\n\n"
+        "Same model files as the Concat-ID Wan workflow (concat_id/second_stage_adaln.pt, umT5, Wan 2.1 VAE, "
+        "insightface antelopev2). ComfyUI 0.33 adds FreeNoise, retain_first_frame and an anchor frame per window "
+        "(causal_window_fix) to this node; the patch follows the frames each call holds on both versions.",
+    )],
     'concat_id_wan_hjb': [
         ('HJB face guidance (StableAnimator) on top of Concat-ID Wan',
          "Model files and folders (ComfyUI/models/...), the Concat-ID Wan workflow's plus the differentiable ArcFace:\n- concat_id/second_stage_adaln.pt  (AdaLN model; or first_stage.pt) from HF yongzhong/Concat-ID-Wan\n- text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (or umt5_xxl_fp16) - Wan 2.1 text encoder\n- vae/wan_2.1_vae.safetensors - Wan 2.1 VAE\n- insightface/models/antelopev2/*.onnx - face detector and recogniser (non-commercial licence); Load Differentiable ArcFace converts its glintr100.onnx (listed as insightface/antelopev2/glintr100.onnx) to torch, or loads stableanimator/glintr100_torch.pth.\n\nFace boxes come from the InsightFace detector on a preview decode at the first active step; connect a face MASK to fix them yourself. Costs extra VAE decodes per active step: see docs/hjb.md."),

@@ -225,6 +225,18 @@ def concat_id_wan_hjb(server):
     return ex
 
 
+def concat_id_wan_long(server):
+    """161 frames in windows of 81 overlapping 16 -> 13 frames (4 latent) in windows of 9 (3 latent) overlapping 4
+    (1 latent): two windows, both with the reference; Identity Metrics on the decoded video."""
+    ex = concat_id_wan(server, "concat_id_wan_long")
+    p = ex.prompt
+    p["13"]["inputs"]["length"] = 13
+    p["18"]["inputs"].update(context_length=9, context_overlap=4)
+    p["19"]["inputs"].update(det_size=320)
+    p["16"]["inputs"]["filename_prefix"] = "likeness/tiny_concat_id_wan_long"
+    return TinyExample(p, "16", 13)
+
+
 def stableanimator_svd_pose_identity(server):
     """Real StableAnimator files (tiny); SVD-xt, its CLIP vision and the face embeddings are test stand-ins
     (tiny SVD, random CLIP vision output and face embeddings); 5 flat pose frames in tiles of 3."""
@@ -295,7 +307,7 @@ def likeness_face_identity_metrics(server):
 
 
 MAPPERS = {f.__name__: f for f in (
-    wan21_t2v_skeleton, concat_id_wan, concat_id_wan_hjb, stableanimator_svd_pose_identity,
+    wan21_t2v_skeleton, concat_id_wan, concat_id_wan_hjb, concat_id_wan_long, stableanimator_svd_pose_identity,
     fantasyid_face_geometry, fantasyid_cogvideox_i2v, likeness_face_identity_metrics)}
 
 # the node that writes the file of each example (its filename_prefix is changed by tiny_example(prefix=...))
