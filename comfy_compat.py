@@ -11,8 +11,8 @@ except ImportError as exc:  # ComfyUI before the V3 node API (0.3.4x and older)
 
 import dataclasses as _dataclasses
 
-# Newer ComfyUI's default cache resends a non-output node's UI (text, plots) to /history and the editor only
-# when its schema sets has_intermediate_output; older ones (0.3.75) have no such field and always resend it.
+# Newer ComfyUI's default cache resends a cached non-output node's UI (text, plots) to /history and the editor only
+# when its schema sets has_intermediate_output; 0.3.75 has no such field (and never resends a cached one's UI).
 SHOWS_RESULT = (
     {"has_intermediate_output": True}
     if "has_intermediate_output" in {f.name for f in _dataclasses.fields(io.Schema)}
