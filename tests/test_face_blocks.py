@@ -262,5 +262,6 @@ def test_metrics_numbers():
     assert summary["similarity_to_reference_mean"] == pytest.approx(1 / 3)
     table = M.table_json(summary, rows)
     assert '"frames_without_face": 1' in table
-    plot = M.plot_metrics(summary, rows)
+    plot = M.plot_identity(["similarity to reference"], 4, [("similarity", [(0, 1.0), (1, -1.0), (3, 1.0)])], [2],
+                           face_motion_rows=fm)
     assert plot.shape == (540, 960, 3) and plot.dtype == np.uint8 and plot.std() > 5
