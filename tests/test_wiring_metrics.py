@@ -82,7 +82,7 @@ def test_metrics_against_a_different_reference_and_the_current_face_box(face_nod
     imgs = frames_uint8()
     video = torch.from_numpy(np.stack(imgs)).float() / 255.0
     sim, ifs, fm, missing, table, _plot = face_nodes.IdentityMetrics.execute(
-        ColourFacePack(), ref, video, det_size=320, threshold=0.5, batch_size=2).args
+        ColourFacePack(), ref, video, det_size=320, threshold=0.5, batch_size=2).args[:6]
     rows = json.loads(table)["frames"]
 
     r = F.normalize(embedding_of(REF_COLOUR), dim=0)
