@@ -53,7 +53,8 @@ NOTES = {
         "gets the same reference frame in its own RoPE slot right after that window's frames; the reference never "
         "reaches the output. Identity Metrics on the decoded video: per-frame similarity, its per-second curve and "
         "drift (last second / first second; the gate fails below 0.9).\n\n"
-        "Same model files as the Concat-ID Wan workflow (concat_id/second_stage_adaln.pt, umT5, Wan 2.1 VAE, "
+        "Same model files as the Concat-ID Wan workflow (concat_id/second_stage_adaln.pt, "
+        "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors, vae/wan_2.1_vae.safetensors, "
         "insightface antelopev2). ComfyUI 0.33 adds FreeNoise, retain_first_frame and an anchor frame per window "
         "(causal_window_fix) to this node; the patch follows the frames each call holds on both versions.",
     )],
