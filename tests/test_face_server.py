@@ -75,7 +75,9 @@ def test_text_result_reaches_history_when_the_node_is_cached(face_server):
     p = embed_prompt(image="face_two.png", face_choice="largest", crop_size=240)  # a size no other test uses: fresh
     first = face_server.run(p, timeout=120)
     assert "kept 1" in first["outputs"]["3"]["text"][0]
-    assert first["outputs"]["1"]["text"][0], "Load InsightFace's status is missing"
+    cached_first = {n for m in first["status"]["messages"] if m[0] == "execution_cached" for n in m[1].get("nodes", [])}
+    if "1" not in cached_first:  # the loader may come from an earlier test's run (same server, same inputs)
+        assert first["outputs"]["1"]["text"][0], "Load InsightFace's status is missing"
     p["4"]["inputs"]["images"] = ["3", 2]  # another preview, so the prompt is not a duplicate as a whole
     again = face_server.run(p, timeout=120)
     assert any(m[0] == "execution_cached" and "3" in m[1].get("nodes", []) for m in again["status"]["messages"]), \

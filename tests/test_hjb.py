@@ -327,26 +327,28 @@ def test_svd_temporal_vae_is_decoded_in_upstream_chunks(pack, comfy, low_memory)
 def test_reduced_precision_decode_stays_within_stated_tolerance(pack, comfy, base):
     """precision='bf16' really runs the decoder's convolutions in bf16 (fp32 master weights, fp32 ArcFace, loss and
     Adam) and stays within the tolerance docs/hjb.md states, on the real-size VAEs of SVD and Wan 2.1: identity loss
-    within 2e-3 of fp32 at every iteration, gradient with respect to the latent at cosine >= 0.99."""
+    within 2e-3 of fp32 at every iteration, gradient with respect to the latent at cosine >= 0.99. Small frames
+    (16x16 px; SVD 2 frames, Wan 1): the real channel widths are what the precision claim is about, and bf16 convolutions on a
+    CPU without bf16 units are slow."""
     import comfy.sd
     from support import tiny_models
 
     if base == "svd":
         model = tiny_models.build_tiny_svd().model
         vae = comfy.sd.VAE(sd=tiny_models.svd_vae_state_dict())
-        denoised = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+        denoised = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(6))
         to_raw = lambda z: z / 0.18215  # noqa: E731  SVD's latent scaling
     else:
         model = comfy.sd.load_diffusion_model_state_dict(tiny_models.tiny_wan_t2v_state_dict()).model
         vae = comfy.sd.VAE(sd=tiny_models.tiny_wan_vae_state_dict(dim=96))
-        denoised = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(6))
+        denoised = torch.randn(1, 16, 1, 2, 2, generator=torch.Generator().manual_seed(6))
         to_raw = lambda z: z  # noqa: E731  any latent will do: both precisions decode the same one
     rec, ref = TinyRecognizer(), F.normalize(torch.randn(512, generator=torch.Generator().manual_seed(5)), dim=0)
-    boxes = torch.tensor([[4, 6, 60, 58]])
+    boxes = torch.tensor([[1, 2, 15, 14]])
     sigmas = torch.linspace(10, 0, 6)
     seen, grads, losses = {}, {}, {}
     for precision in ("fp32", "bf16"):
-        hook = _hook(pack, vae, rec, ref, face_boxes=boxes, iterations=3, eta=0.3, window_margin=64,
+        hook = _hook(pack, vae, rec, ref, face_boxes=boxes, iterations=2, eta=0.3, window_margin=64,
                      precision=precision)
         dec, r = hook._decoder(torch.device("cpu"))
         first_conv = next(m for m in dec.decoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)))
@@ -366,13 +368,10 @@ def test_reduced_precision_decode_stays_within_stated_tolerance(pack, comfy, bas
     assert not torch.equal(grads["fp32"], grads["bf16"]), "the test cannot tell bf16 from fp32"
 
 
-def test_precision_names(pack, monkeypatch):
+def test_precision_names(pack):  # 'auto': test_wiring_hjb.py, on this CPU's cpuinfo and on fake ones
     import importlib
 
     mod = importlib.import_module("likeness_pack.adapters.sampler_hook")
-    for fast, dtype in ((True, torch.bfloat16), (False, torch.float32)):  # 'auto' follows the device's bf16 units
-        monkeypatch.setattr(mod, "_has_fast_bf16", lambda device, fast=fast: fast)
-        assert mod.decode_dtype("auto", torch.device("cpu")) == dtype
     assert mod.decode_dtype("fp32", torch.device("cpu")) == torch.float32
     assert mod.decode_dtype("fp16", torch.device("cpu")) == torch.float16
     with pytest.raises(ValueError, match="precision must be one of"):
