@@ -99,6 +99,12 @@ class ArcFaceEmbed(io.ComfyNode):
                                tooltip="Detection confidence threshold; lower it for hard faces (profile, blur, small)."),
                 io.Int.Input("crop_size", default=512, min=112, max=2048, step=16,
                              tooltip="Size of the larger aligned crop output (same alignment as the 112 crop, scaled)."),
+                ArcFaceTorch.Input("recognizer", optional=True,
+                                   tooltip="For HJB Face Guidance only: the recogniser from Load Differentiable ArcFace that "
+                                           "HJB will optimise (CurricularFace IR-101 .bin, or a torch ArcFace). Connected: "
+                                           "the faces are embedded by it, each detected box cropped and resized to 112 "
+                                           "exactly as HJB crops decoded frames, and face_embeds is marked as made by it "
+                                           "(other nodes refuse it). Unconnected: the pack's ArcFace on aligned crops."),
             ],
             outputs=[
                 FaceEmbeds.Output(display_name="face_embeds"),
@@ -112,15 +118,18 @@ class ArcFaceEmbed(io.ComfyNode):
 
     @classmethod
     def execute(cls, insightface, image, face_choice="largest", face_index=0, on_no_face="error", det_size=640,
-                threshold=0.5, crop_size=512):
+                threshold=0.5, crop_size=512, recognizer=None):
         from ..likeness_blocks.face_embed import embed_faces
 
         _require(insightface, "insightface", "an InsightFace pack", "Connect a Load InsightFace node.")
         _require(image, "image", "a reference image", "Connect a Load Image node.")
+        if recognizer is not None and not (callable(recognizer) and hasattr(recognizer, "kind")):
+            raise ValueError(f"'recognizer' is a {type(recognizer).__name__}, not a recogniser: connect Load "
+                             "Differentiable ArcFace's output, or unplug it to embed with the pack's ArcFace.")
         fe, crops, large, masks, report = embed_faces(
             insightface, image, face_choice=face_choice, face_index=int(face_index),
             skip_missing=(on_no_face == "skip image"), det_size=int(det_size), threshold=float(threshold),
-            crop_size=int(crop_size), input_name="image",
+            crop_size=int(crop_size), input_name="image", recognizer=recognizer,
         )
         if fe.skipped:
             log.warning("Likeness ArcFace Embed skipped images without a face: %s", fe.skipped)
@@ -315,6 +324,13 @@ class IdentityMetrics(io.ComfyNode):
         if len(reference) == 0:
             raise ValueError("'reference' holds no face; run ArcFace Embed on an image with a face.")
         rec_name = getattr(insightface, "rec_name", "")
+        if getattr(reference, "crop", "aligned") != "aligned":
+            raise ValueError(
+                f"'reference' was embedded by {reference.model_name or 'a Load Differentiable ArcFace recogniser'} "
+                f"({getattr(reference, 'recognizer_kind', '?')}, on box crops) through ArcFace Embed's 'recognizer' "
+                "input, which is for HJB Face Guidance; protocol 'likeness' scores with the pack's ArcFace. Use an "
+                "ArcFace Embed with 'recognizer' unplugged for Identity Metrics."
+            )
         if reference.model_name and rec_name and reference.model_name != rec_name:
             raise ValueError(
                 f"'reference' was embedded with {reference.model_name} but this pack recognises with {rec_name}; "
