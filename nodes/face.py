@@ -152,7 +152,9 @@ class LoadDifferentiableArcFace(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "A torch ArcFace recogniser that gradients can flow through (for StableAnimator's HJB face optimisation), "
-                "converted from the pack's recognition ONNX or loaded from a torch iresnet checkpoint (glintr100_torch.pth)."
+                "converted from the pack's recognition ONNX or loaded from a torch iresnet checkpoint (glintr100_torch.pth); "
+                "or CurricularFace IR-101 (glint360k_curricular_face_r101_backbone.bin) for FaceSim-Cur and for HJB, "
+                "whose reference ArcFace Embed then makes with this recogniser connected to its 'recognizer'."
             ),
             inputs=[
                 io.Combo.Input("source", options=sources, default=sources[0],
