@@ -26,7 +26,7 @@ def check_reference_recognizer(arcface, reference):
             "Unplug ArcFace Embed's 'recognizer' (an ArcFace 'arcface' also takes the pack's ArcFace reference) or "
             f"connect this same recogniser to it; or give 'arcface' the {ref_kind} recogniser that made the reference")
         raise ValueError(
-            f"HJB Face Guidance: 'arcface' is a {rec_kind} recogniser ({rec_name}) but 'reference' was embedded {ref_desc}; "
+            f"HJB Face Guidance: 'arcface' is {rec_name} ({rec_kind}) but 'reference' was embedded {ref_desc}; "
             f"embeddings of different recognisers cannot be compared. {fix}.")
     if ref_by_rec and reference.model_name != getattr(arcface, "name", ""):
         raise ValueError(
