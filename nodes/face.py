@@ -295,12 +295,15 @@ class IdentityMetrics(io.ComfyNode):
                    + ")")
         if res.get("note"):
             summary += " " + res["note"]
+        absent = cls._absent(protocol, res, drift, recognizer)
+        if absent:
+            summary += " Not computed (NaN): " + "; ".join(f"{k}: {v}" for k, v in absent.items()) + "."
         table = dict(res["json"])
         table["summary"] = {**table.get("summary", {}), "protocol": protocol, "similarity_mean": res["similarity"],
                             "facesim_arc": res["facesim_arc"], "facesim_cur": res["facesim_cur"], "fps": fps,
                             "per_second": [{"second": s, "value": v} for s, v in secs], "drift": drift,
                             "identities": idents, "gate_on": gate_on, "gate_threshold": gate_threshold,
-                            "gate_value": gated, "passed": passed, "text": summary}
+                            "gate_value": gated, "passed": passed, "text": summary, "not_computed": absent}
         table_text = M.clean_json(table)
         title = [f"{protocol}: {res['main_label']} {fmt(res['similarity'])}   FaceSim-Arc {fmt(res['facesim_arc'])}   "
                  f"FaceSim-Cur {fmt(res['facesim_cur'])}",
@@ -314,6 +317,27 @@ class IdentityMetrics(io.ComfyNode):
             table_text, plot, float(res["facesim_arc"]), float(res["facesim_cur"]), float(drift), passed, summary,
             ui={"images": ui.PreviewImage(plot, cls=cls).as_dict()["images"], "text": (summary, table_text)},
         )
+
+    @staticmethod
+    def _absent(protocol, res, drift, recognizer):
+        """{output: why it is NaN} for every number this run cannot give from the inputs it got."""
+        out = {}
+        if not math.isfinite(res["facesim_cur"]):
+            if protocol == "likeness":
+                out["facesim_cur"] = ("protocol 'likeness' scores against the reference FACE_EMBEDS (ArcFace) and has no "
+                                      "reference image to embed with CurricularFace" + (" ('recognizer' is not used by it)"
+                                                                                       if recognizer is not None else "")
+                                      + "; pick consisid/opens2v with reference_image and a CurricularFace recognizer")
+            elif recognizer is None:
+                out["facesim_cur"] = "no CurricularFace recognizer connected"
+        if protocol != "likeness":
+            out["inter_frame_mean, face_motion_mean"] = (f"protocol '{protocol}' scores only its sampled frames, as the "
+                                                         "benchmark script does; pick protocol 'likeness' for them")
+        elif not math.isfinite(res["inter_frame"]):
+            out["inter_frame_mean"] = "no two consecutive frames both have a face"
+        if not math.isfinite(drift):
+            out["drift"] = "no scored face in the first or the last second (or the first second's mean is 0)"
+        return out
 
     @staticmethod
     def _likeness(insightface, reference, video, det_size, threshold, batch_size, several, match_threshold):
