@@ -299,8 +299,7 @@ class HJBFaceGuidance:
                                                              self.det_threshold)
             if len(boxes):
                 areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-                x1, y1, x2, y2 = boxes[int(areas.argmax()), :4]
-                found.append([int(max(x1, 0)), int(max(y1, 0)), int(min(x2, w)) + 1, int(min(y2, h)) + 1])
+                found.append(hjb.detector_box(boxes[int(areas.argmax()), :4], w, h))
             else:
                 found.append(None)
         have = [k for k, b in enumerate(found) if b is not None]
@@ -429,7 +428,7 @@ class HJBFaceGuidance:
             boxes = boxes_all[out_index % len(boxes_all)].clone()
             boxes[:, [0, 2]] -= x0 * up
             boxes[:, [1, 3]] -= y0 * up
-            return hjb.identity_loss(recognizer(hjb.crop_faces(frames, boxes)), reference)
+            return hjb.identity_loss(hjb.face_embeddings(recognizer, frames, boxes), reference)
 
         causal = self._causal_video_vae(decoder) if (self.framewise and video_layout) else None
 

@@ -100,8 +100,11 @@ def choose(boxes, kps, face_choice, face_index):
 
 
 def embed_faces(detector, images, face_choice="largest", face_index=0, skip_missing=False, det_size=640,
-                threshold=0.5, crop_size=512, input_name="image"):
-    """Returns (FaceEmbeds, crops (N, S, S, 3), large crops (N, C, C, 3), masks (B, H, W), report text)."""
+                threshold=0.5, crop_size=512, input_name="image", recognizer=None):
+    """Returns (FaceEmbeds, crops (N, S, S, 3), large crops (N, C, C, 3), masks (B, H, W), report text).
+
+    recognizer (a differentiable ArcFaceTorch, e.g. CurricularFace): the faces are embedded by it instead of the
+    pack's recogniser, cut as HJB Face Guidance cuts decoded frames (see box_embeddings)."""
     rgb = to_rgb(images, input_name)
     b, h, w, _ = rgb.shape
     rec_size = int(getattr(detector, "rec_input_size", 112))
@@ -147,14 +150,41 @@ def embed_faces(detector, images, face_choice="largest", face_index=0, skip_miss
         )
     crops_t = torch.cat(crops).clamp(0, 1)
     large_t = torch.cat(large).clamp(0, 1)
-    emb = torch.from_numpy(detector.embed(crops_t.numpy()))
+    if recognizer is None:
+        emb = torch.from_numpy(detector.embed(crops_t.numpy()))
+        made_by = dict(model_name=getattr(detector, "rec_name", ""))
+    else:
+        emb = box_embeddings(recognizer, rgb, faces)
+        kind = getattr(recognizer, "kind", "arcface")
+        made_by = dict(model_name=getattr(recognizer, "name", ""), recognizer_kind=kind, crop="box")
+        lines.append(f"embedded with {made_by['model_name'] or 'the connected recogniser'} ({kind}) on each detected box, "
+                     "resized to 112x112 as HJB Face Guidance crops decoded frames")
+    if not bool(torch.isfinite(emb).all()):
+        raise ValueError(f"The recogniser gave non-finite embeddings for '{input_name}'; the model file is damaged "
+                         "or in a precision it cannot run in. Load it again (fp32).")
     for f, e in zip(faces, emb):
         f.embedding = e.float().clone()
     if skipped:
         lines.append(f"skipped images: {skipped}")
-    fe = FaceEmbeds(faces=faces, image_sizes=[(h, w)] * b, skipped=skipped, model_name=getattr(detector, "rec_name", ""))
+    fe = FaceEmbeds(faces=faces, image_sizes=[(h, w)] * b, skipped=skipped, **made_by)
     masks = box_masks(boxes_per_image, h, w)
     return fe, crops_t.permute(0, 2, 3, 1).contiguous(), large_t.permute(0, 2, 3, 1).contiguous(), masks, "\n".join(lines)
+
+
+@torch.no_grad()
+def box_embeddings(recognizer, rgb, faces):
+    """(N, D) raw embeddings of `faces` (DetectedFace, bbox in rgb's pixels) in rgb (B, H, W, 3) 0..1: each box
+    turned into pixels and cropped, resized and embedded exactly as HJB Face Guidance does it on decoded frames
+    (likeness_blocks.hjb.detector_box and face_embeddings), so the reference and the optimised frames agree."""
+    from .hjb import detector_box, face_embeddings
+
+    h, w = rgb.shape[1:3]
+    p = next(iter(recognizer.parameters()), None)
+    if p is None:
+        p = next(iter(recognizer.buffers()), torch.zeros(0))
+    frames = torch.stack([rgb[f.image_index] for f in faces]).permute(0, 3, 1, 2).to(p.device)
+    boxes = torch.tensor([detector_box(f.bbox.tolist(), w, h) for f in faces], dtype=torch.long)
+    return face_embeddings(recognizer, frames, boxes).float().cpu()
 
 
 def largest_face_per_frame(detector, rgb, det_size=640, threshold=0.5):

@@ -25,6 +25,12 @@ class FaceEmbeds:
     image_sizes: list  # (height, width) of every input image
     skipped: list = field(default_factory=list)  # image indices without a face (skip mode)
     model_name: str = ""  # the recognition model that made the embeddings
+    # which recogniser family made them ("arcface" or "curricularface": embeddings of two families never compare)
+    recognizer_kind: str = "arcface"
+    # how the faces were cut before embedding: "aligned" (landmark-aligned crop, the InsightFace pack's recogniser)
+    # or "box" (the detected box resized bilinearly, as HJB Face Guidance crops decoded frames; ArcFace Embed's
+    # 'recognizer' input)
+    crop: str = "aligned"
 
     def embeddings(self, normalized=True):
         """(N, 512) float32."""

@@ -43,6 +43,21 @@ def crop_faces(frames, boxes, size=112):
     return torch.cat(crops)
 
 
+def detector_box(box, width, height):
+    """A detector's float box (x1, y1, x2, y2, ...) in a width x height image -> the integer pixel box HJB crops:
+    x1/y1 truncated and clipped at 0, x2/y2 clipped to the image and one pixel added (exclusive ends). The HJB hook's
+    per-frame boxes and ArcFace Embed's 'recognizer' reference both come through here, so the two crops agree."""
+    x1, y1, x2, y2 = (float(v) for v in list(box)[:4])
+    return [int(max(x1, 0)), int(max(y1, 0)), int(min(x2, width)) + 1, int(min(y2, height)) + 1]
+
+
+def face_embeddings(recognizer, frames, boxes, size=112):
+    """What HJB's loss sees of each face: the box cropped from (F, 3, H, W) frames in 0..1, resized bilinearly to
+    size x size, through the recogniser (which applies its own input scaling): (F, D) raw embeddings.
+    Differentiable in the frames."""
+    return recognizer(crop_faces(frames, boxes, size))
+
+
 def boxes_from_masks(masks):
     """(F, H, W) masks -> (F, 4) x1, y1, x2, y2 (exclusive) boxes and a (F,) bool 'has a face'."""
     boxes, present = [], []

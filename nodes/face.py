@@ -99,6 +99,12 @@ class ArcFaceEmbed(io.ComfyNode):
                                tooltip="Detection confidence threshold; lower it for hard faces (profile, blur, small)."),
                 io.Int.Input("crop_size", default=512, min=112, max=2048, step=16,
                              tooltip="Size of the larger aligned crop output (same alignment as the 112 crop, scaled)."),
+                ArcFaceTorch.Input("recognizer", optional=True,
+                                   tooltip="For HJB Face Guidance only: the recogniser from Load Differentiable ArcFace that "
+                                           "HJB will optimise (CurricularFace IR-101 .bin, or a torch ArcFace). Connected: "
+                                           "the faces are embedded by it, each detected box cropped and resized to 112 "
+                                           "exactly as HJB crops decoded frames, and face_embeds is marked as made by it "
+                                           "(other nodes refuse it). Unconnected: the pack's ArcFace on aligned crops."),
             ],
             outputs=[
                 FaceEmbeds.Output(display_name="face_embeds"),
@@ -112,15 +118,18 @@ class ArcFaceEmbed(io.ComfyNode):
 
     @classmethod
     def execute(cls, insightface, image, face_choice="largest", face_index=0, on_no_face="error", det_size=640,
-                threshold=0.5, crop_size=512):
+                threshold=0.5, crop_size=512, recognizer=None):
         from ..likeness_blocks.face_embed import embed_faces
 
         _require(insightface, "insightface", "an InsightFace pack", "Connect a Load InsightFace node.")
         _require(image, "image", "a reference image", "Connect a Load Image node.")
+        if recognizer is not None and not (callable(recognizer) and hasattr(recognizer, "kind")):
+            raise ValueError(f"'recognizer' is a {type(recognizer).__name__}, not a recogniser: connect Load "
+                             "Differentiable ArcFace's output, or unplug it to embed with the pack's ArcFace.")
         fe, crops, large, masks, report = embed_faces(
             insightface, image, face_choice=face_choice, face_index=int(face_index),
             skip_missing=(on_no_face == "skip image"), det_size=int(det_size), threshold=float(threshold),
-            crop_size=int(crop_size), input_name="image",
+            crop_size=int(crop_size), input_name="image", recognizer=recognizer,
         )
         if fe.skipped:
             log.warning("Likeness ArcFace Embed skipped images without a face: %s", fe.skipped)
@@ -143,7 +152,9 @@ class LoadDifferentiableArcFace(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "A torch ArcFace recogniser that gradients can flow through (for StableAnimator's HJB face optimisation), "
-                "converted from the pack's recognition ONNX or loaded from a torch iresnet checkpoint (glintr100_torch.pth)."
+                "converted from the pack's recognition ONNX or loaded from a torch iresnet checkpoint (glintr100_torch.pth); "
+                "or CurricularFace IR-101 (glint360k_curricular_face_r101_backbone.bin) for FaceSim-Cur and for HJB, "
+                "whose reference ArcFace Embed then makes with this recogniser connected to its 'recognizer'."
             ),
             inputs=[
                 io.Combo.Input("source", options=sources, default=sources[0],
@@ -284,12 +295,15 @@ class IdentityMetrics(io.ComfyNode):
                    + ")")
         if res.get("note"):
             summary += " " + res["note"]
+        absent = cls._absent(protocol, res, drift, recognizer)
+        if absent:
+            summary += " Not computed (NaN): " + "; ".join(f"{k}: {v}" for k, v in absent.items()) + "."
         table = dict(res["json"])
         table["summary"] = {**table.get("summary", {}), "protocol": protocol, "similarity_mean": res["similarity"],
                             "facesim_arc": res["facesim_arc"], "facesim_cur": res["facesim_cur"], "fps": fps,
                             "per_second": [{"second": s, "value": v} for s, v in secs], "drift": drift,
                             "identities": idents, "gate_on": gate_on, "gate_threshold": gate_threshold,
-                            "gate_value": gated, "passed": passed, "text": summary}
+                            "gate_value": gated, "passed": passed, "text": summary, "not_computed": absent}
         table_text = M.clean_json(table)
         title = [f"{protocol}: {res['main_label']} {fmt(res['similarity'])}   FaceSim-Arc {fmt(res['facesim_arc'])}   "
                  f"FaceSim-Cur {fmt(res['facesim_cur'])}",
@@ -305,6 +319,27 @@ class IdentityMetrics(io.ComfyNode):
         )
 
     @staticmethod
+    def _absent(protocol, res, drift, recognizer):
+        """{output: why it is NaN} for every number this run cannot give from the inputs it got."""
+        out = {}
+        if not math.isfinite(res["facesim_cur"]):
+            if protocol == "likeness":
+                out["facesim_cur"] = ("protocol 'likeness' scores against the reference FACE_EMBEDS (ArcFace) and has no "
+                                      "reference image to embed with CurricularFace" + (" ('recognizer' is not used by it)"
+                                                                                       if recognizer is not None else "")
+                                      + "; pick consisid/opens2v with reference_image and a CurricularFace recognizer")
+            elif recognizer is None:
+                out["facesim_cur"] = "no CurricularFace recognizer connected"
+        if protocol != "likeness":
+            out["inter_frame_mean, face_motion_mean"] = (f"protocol '{protocol}' scores only its sampled frames, as the "
+                                                         "benchmark script does; pick protocol 'likeness' for them")
+        elif not math.isfinite(res["inter_frame"]):
+            out["inter_frame_mean"] = "no two consecutive frames both have a face"
+        if not math.isfinite(drift):
+            out["drift"] = "no scored face in the first or the last second (or the first second's mean is 0)"
+        return out
+
+    @staticmethod
     def _likeness(insightface, reference, video, det_size, threshold, batch_size, several, match_threshold):
         from ..likeness_blocks import metrics as M
         from ..likeness_blocks.face_embed import (all_faces_embedded, frame_embeddings, largest_face_per_frame,
@@ -315,6 +350,13 @@ class IdentityMetrics(io.ComfyNode):
         if len(reference) == 0:
             raise ValueError("'reference' holds no face; run ArcFace Embed on an image with a face.")
         rec_name = getattr(insightface, "rec_name", "")
+        if getattr(reference, "crop", "aligned") != "aligned":
+            raise ValueError(
+                f"'reference' was embedded by {reference.model_name or 'a Load Differentiable ArcFace recogniser'} "
+                f"({getattr(reference, 'recognizer_kind', '?')}, on box crops) through ArcFace Embed's 'recognizer' "
+                "input, which is for HJB Face Guidance; protocol 'likeness' scores with the pack's ArcFace. Use an "
+                "ArcFace Embed with 'recognizer' unplugged for Identity Metrics."
+            )
         if reference.model_name and rec_name and reference.model_name != rec_name:
             raise ValueError(
                 f"'reference' was embedded with {reference.model_name} but this pack recognises with {rec_name}; "

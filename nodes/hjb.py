@@ -7,6 +7,33 @@ from ..comfy_compat import io
 from ._types import ArcFaceTorch, FaceEmbeds, InsightFace
 
 
+HOW_TO_EMBED = ("Connect the same Load Differentiable ArcFace to both HJB Face Guidance's 'arcface' and ArcFace Embed's "
+                "'recognizer' input (the reference is then embedded by it, cropped as HJB crops the frames)")
+
+
+def check_reference_recognizer(arcface, reference):
+    """HJB compares the recogniser's embedding of each decoded face with the reference's: both must come from the same
+    recogniser (embeddings of two recognisers live in different spaces; the cosine would be meaningless)."""
+    rec_kind = getattr(arcface, "kind", "arcface")
+    rec_name = getattr(arcface, "name", "") or "the connected recogniser"
+    ref_kind = getattr(reference, "recognizer_kind", "arcface")
+    ref_by_rec = getattr(reference, "crop", "aligned") == "box"  # made through ArcFace Embed's 'recognizer'
+    ref_name = reference.model_name or ("a recogniser" if ref_by_rec else "an InsightFace pack")
+    ref_desc = (f"by {ref_name} ({ref_kind}) through ArcFace Embed's 'recognizer'" if ref_by_rec
+                else f"by the InsightFace pack's ArcFace ({ref_name})")
+    if rec_kind != ref_kind:
+        fix = HOW_TO_EMBED if rec_kind != "arcface" else (
+            "Unplug ArcFace Embed's 'recognizer' (an ArcFace 'arcface' also takes the pack's ArcFace reference) or "
+            f"connect this same recogniser to it; or give 'arcface' the {ref_kind} recogniser that made the reference")
+        raise ValueError(
+            f"HJB Face Guidance: 'arcface' is {rec_name} ({rec_kind}) but 'reference' was embedded {ref_desc}; "
+            f"embeddings of different recognisers cannot be compared. {fix}.")
+    if ref_by_rec and reference.model_name != getattr(arcface, "name", ""):
+        raise ValueError(
+            f"HJB Face Guidance: 'reference' was embedded {ref_desc} but 'arcface' is {rec_name}; HJB needs the "
+            f"reference embedded by the recogniser it optimises. {HOW_TO_EMBED}.")
+
+
 class LikenessHJBFaceGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -16,7 +43,7 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
             category="Likeness/Sampling",
             description="StableAnimator's HJB face optimisation inside any sampler: at each active step the "
                         "predicted clean video is refined with Adam so its decoded faces match the reference "
-                        "ArcFace embedding. Works with Wan, SVD and the pack's CogVideoX through their VAEs. "
+                        "ArcFace (or CurricularFace) embedding. Works with Wan, SVD and the pack's CogVideoX through their VAEs. "
                         "Costs extra decoder and recogniser passes per active step. With context windows (Context "
                         "Windows / WAN Context Windows) it works on the fused prediction, after the windows are "
                         "merged and CFG applied, in pieces no longer than one window, each decoded and refined on "
@@ -25,8 +52,12 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
                 io.Model.Input("model", tooltip="The video model to guide (patched on a copy)."),
                 io.Vae.Input("vae", tooltip="The VAE that decodes this model's latents."),
                 ArcFaceTorch.Input("arcface", tooltip="Differentiable recogniser from Load Differentiable ArcFace: ArcFace "
-                                                      "(glintr100 / w600k ONNX or .pth) or CurricularFace IR-101 (.bin)."),
-                FaceEmbeds.Input("reference", tooltip="Reference face(s) from ArcFace Embed; several are averaged."),
+                                                      "(glintr100 / w600k ONNX or .pth) or CurricularFace IR-101 (.bin). "
+                                                      "CurricularFace needs a reference embedded by it: connect it to "
+                                                      "ArcFace Embed's 'recognizer' too."),
+                FaceEmbeds.Input("reference", tooltip="Reference face(s) from ArcFace Embed; several are averaged. Made by "
+                                                      "the recogniser given to 'arcface' (ArcFace Embed's 'recognizer'), "
+                                                      "or, with an ArcFace recogniser, by the pack's ArcFace."),
                 io.Mask.Input("face_mask", optional=True,
                               tooltip="Face region per output frame at OUTPUT resolution (one mask = every frame). "
                                       "Its bounding box is cropped each frame. Unconnected: boxes from the insightface "
@@ -72,13 +103,7 @@ class LikenessHJBFaceGuidance(io.ComfyNode):
 
         if end_percent < start_percent:
             raise ValueError(f"end_percent ({end_percent}) is before start_percent ({start_percent}): swap them.")
-        if getattr(arcface, "kind", "arcface") != "arcface" and not str(reference.model_name).startswith(getattr(arcface, "name", "?")):
-            # embeddings of different recognisers live in different spaces: the loss would be meaningless
-            raise ValueError(
-                f"'arcface' is a {arcface.kind} recogniser ({arcface.name}) but 'reference' was embedded with "
-                f"{reference.model_name or 'an InsightFace pack'}; HJB needs the reference embedded by the same recogniser. "
-                "Use an ArcFace recogniser (the pack's recognition .onnx) with ArcFace Embed's reference."
-            )
+        check_reference_recognizer(arcface, reference)
         ref = F.normalize(reference.embeddings(normalized=True).mean(0), dim=-1)
         boxes = None
         if face_mask is not None:

@@ -85,6 +85,12 @@ class LikenessStableAnimatorFaceEncoder(io.ComfyNode):
         if face_index >= len(face_embeds):
             raise ValueError(f"StableAnimator Face Encoder: face_index {face_index} but face_embeds holds "
                              f"{len(face_embeds)} face(s).")
+        if getattr(face_embeds, "crop", "aligned") != "aligned":
+            raise ValueError(
+                f"StableAnimator Face Encoder: face_embeds were made by {face_embeds.model_name or 'a connected recogniser'} "
+                f"({getattr(face_embeds, 'recognizer_kind', '?')}) through ArcFace Embed's 'recognizer' input, which is "
+                "for HJB Face Guidance; the face encoder was trained on the pack's ArcFace (antelopev2) embeddings. "
+                "Use an ArcFace Embed with 'recognizer' unplugged here.")
         face = face_embeds.faces[face_index]
         embeds = getattr(clip_vision_output, "image_embeds", None)
         if embeds is None:

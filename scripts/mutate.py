@@ -42,6 +42,7 @@ T_FID_INJ = ["tests/test_fantasyid_loader.py::test_injector_after_every_block_vi
 T_SPIRALS = ["tests/test_wiring_spirals.py", "tests/test_fantasyid_blocks.py"]
 # test_hjb's real-size VAE tests take many minutes on a CPU without bf16 units: left out here
 T_HJB = ["tests/test_wiring_hjb.py", "tests/test_hjb.py", "-k", "not reduced_precision and not upstream_chunks"]
+T_HJB_CUR = ["tests/test_hjb_curricularface.py"]
 T_METRICS = ["tests/test_wiring_metrics.py", "tests/test_face_blocks.py::test_metrics_numbers"]
 T_FACE_ALIGN = ["tests/test_face_blocks.py"]
 
@@ -161,6 +162,27 @@ MUTANTS = [
     ("hjb.bf16_disabled", "adapters/sampler_hook.py", "return cpuinfo_has_bf16(f.read())", "return False", T_HJB),
     ("hjb.inactive_at_start", "adapters/sampler_hook.py", "self.start_percent * total <= i <=",
      "self.start_percent * total < i <=", T_HJB),
+    # --- HJB with CurricularFace (issue 18): the reference cut, scaled and embedded as HJB sees decoded faces ---------
+    ("hjb_cur.reference_aligned_crop", "likeness_blocks/face_embed.py", "emb = box_embeddings(recognizer, rgb, faces)",
+     "emb = recognizer(crops_t).float()", T_HJB_CUR),
+    ("hjb_cur.reference_by_pack", "likeness_blocks/face_embed.py", "emb = box_embeddings(recognizer, rgb, faces)",
+     "emb = torch.from_numpy(detector.embed(crops_t.numpy()))", T_HJB_CUR),
+    ("hjb_cur.reference_box_as_detected", "likeness_blocks/face_embed.py", "detector_box(f.bbox.tolist(), w, h)",
+     "[int(v) for v in f.bbox.tolist()]", T_HJB_CUR),
+    ("hjb_cur.reference_box_w_h_swapped", "likeness_blocks/face_embed.py", "detector_box(f.bbox.tolist(), w, h)",
+     "detector_box(f.bbox.tolist(), h, w)", T_HJB_CUR),
+    ("hjb_cur.hook_box_as_detected", "adapters/sampler_hook.py",
+     "found.append(hjb.detector_box(boxes[int(areas.argmax()), :4], w, h))",
+     "found.append([int(v) for v in boxes[int(areas.argmax()), :4]])", T_HJB_CUR),
+    ("hjb_cur.unit_scaling", "likeness_blocks/arcface.py",
+     'ArcFaceTorch(net, 127.5, 127.5, net.input_size, name=name, kind="curricularface")',
+     'ArcFaceTorch(net, 0.0, 255.0, net.input_size, name=name, kind="curricularface")', T_HJB_CUR),
+    ("hjb_cur.recogniser_check_dropped", "nodes/hjb.py", "        check_reference_recognizer(arcface, reference)\n", "",
+     T_HJB_CUR),
+    ("hjb_cur.same_file_not_checked", "nodes/hjb.py",
+     'if ref_by_rec and reference.model_name != getattr(arcface, "name", ""):', "if False:", T_HJB_CUR),
+    ("hjb_cur.kind_not_recorded", "likeness_blocks/face_embed.py", 'recognizer_kind=kind, crop="box"', 'crop="box"',
+     T_HJB_CUR),
     # --- identity metrics ------------------------------------------------------------------------------------------
     ("metrics.first_frame_as_reference", "nodes/face.py",
      "ref = M.reference_vector(reference.embeddings(normalized=True))",

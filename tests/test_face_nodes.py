@@ -172,6 +172,10 @@ def test_identity_metrics_node(face, tiny):
     assert data["frames"][4]["inter_frame_similarity"] is None  # frame 3 has no face
     assert fm > 0
     assert plot.shape == (1, 540, 960, 3)
+    # FaceSim-Cur has no reference to compare with under 'likeness': NaN, and the summary and table say why
+    assert out.args[7] != out.args[7]
+    assert "Not computed (NaN): facesim_cur: protocol 'likeness' scores against the reference FACE_EMBEDS" in out.args[10]
+    assert set(data["summary"]["not_computed"]) == {"facesim_cur"}
     # batched and frame-by-frame recognition agree
     one = face.N.IdentityMetrics.execute(tiny, fe, video, det_size=320, threshold=0.5, batch_size=1).args
     assert one[4] == table

@@ -80,3 +80,27 @@ def test_hjb_on_svd_through_the_server(hjb_server):
             "images": ["5", 0], "filename_prefix": "svd_hjb", "fps": 6.0, "lossless": True, "quality": 90, "method": "default"}},
     })
     assert frames_of(hjb_server, hjb_server.run(p), "6").shape[0] == 4
+
+
+def test_hjb_with_curricularface_through_the_server(hjb_server):
+    """CurricularFace (a tiny IR backbone with the released key names, saved as a .bin) loaded by Load Differentiable
+    ArcFace, feeding both ArcFace Embed's 'recognizer' and HJB's 'arcface': the run changes the video; an ArcFace
+    reference with that recogniser is refused through the API with the message naming the fix."""
+    import torch
+    from support import tiny_recognizers as TR
+    from support.server import PromptFailed
+    from test_foundation import wan_skeleton_prompt
+
+    torch.save(TR.curricular_state_dict(seed=11), str(hjb_server.models_dir / "insightface" / "hjb_curricular_r101.bin"))
+    p = wan_prompt(1.0, "hjb_cur")
+    p["24"] = {"class_type": "LikenessLoadDifferentiableArcFace", "inputs": {"source": "insightface/hjb_curricular_r101.bin"}}
+    p["22"]["inputs"]["recognizer"] = ["24", 0]
+    p["30"]["inputs"]["arcface"] = ["24", 0]
+    on = frames_of(hjb_server, hjb_server.run(p), "8")
+    plain = frames_of(hjb_server, hjb_server.run(wan_skeleton_prompt(frames=5, steps=3)), "8")
+    assert on.shape == plain.shape and not np.array_equal(on, plain)
+    del p["22"]["inputs"]["recognizer"]
+    p["8"]["inputs"]["filename_prefix"] = "hjb_cur_refused"
+    with pytest.raises(PromptFailed, match=r"'arcface' is insightface/hjb_curricular_r101.bin \(curricularface\).*"
+                                           r"ArcFace Embed's 'recognizer'"):
+        hjb_server.run(p)

@@ -232,8 +232,17 @@ def test_opens2v_quirk_changes_only_the_cur_mean(setup):
 def test_protocols_without_curricularface_and_bad_inputs(setup):
     out = setup.N.IdentityMetrics.execute(setup.pack, video=video_tensor(setup.frames), protocol="opens2v",
                                           reference_image=video_tensor([setup.ref]))
-    r = dict(zip(["similarity", "ifs", "fm", "no_face", "json", "plot", "arc", "cur"], out.result))
+    r = dict(zip(["similarity", "ifs", "fm", "no_face", "json", "plot", "arc", "cur", "drift", "passed", "summary"],
+                 out.result))
     assert np.isnan(r["cur"]) and r["similarity"] == r["arc"]
+    # every NaN says why, in the summary and the table
+    assert np.isnan(r["ifs"]) and np.isnan(r["fm"])
+    assert "Not computed (NaN): facesim_cur: no CurricularFace recognizer connected" in r["summary"]
+    assert "inter_frame_mean, face_motion_mean: protocol 'opens2v' scores only its sampled frames" in r["summary"]
+    import json
+    assert set(json.loads(r["json"])["summary"]["not_computed"]) >= {"facesim_cur", "inter_frame_mean, face_motion_mean"}
+    with_cur = run_node(setup, setup.frames, setup.ref, "opens2v")
+    assert "facesim_cur" not in json.loads(with_cur["json"])["summary"]["not_computed"]
     with pytest.raises(ValueError, match="reference_image"):
         setup.N.IdentityMetrics.execute(setup.pack, video=video_tensor(setup.frames), protocol="consisid")
     with pytest.raises(ValueError, match="'reference_image' image 0.*no face"):
