@@ -16,11 +16,25 @@ sys.path.insert(0, str(REPO / "bench"))
 import gpu_suite  # noqa: E402
 
 # rows that only a CUDA run fills: a CPU run must say so instead of giving a number
+GPU_RUN_COMFYUI = "0.33.0"  # scripts/gpu_carry.sh's ARCHIVE_NAME
 CUDA_ONLY = {"off: peak GPU memory (GiB)", "ours: peak GPU memory (GiB)", "upstream: peak GPU memory (GiB)"}
+
+
+def _comfyui_version():
+    from support.paths import comfyui_dir
+
+    ns = {}
+    exec((comfyui_dir() / "comfyui_version.py").read_text(), ns)
+    return ns.get("__version__")
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    # the GPU run ships ComfyUI 0.33.0 (scripts/gpu_carry.sh); its smoke (about 2 min) runs once per suite, there
+    version = _comfyui_version()
+    if version != GPU_RUN_COMFYUI:
+        pytest.skip(f"not in this ComfyUI version: the GPU suite runs on ComfyUI {GPU_RUN_COMFYUI} (scripts/gpu_carry.sh), "
+                    f"this is {version}; its smoke runs in that version's pass of scripts/run_tests.sh")
     out = tmp_path_factory.mktemp("gpu_suite") / "suite.json"
     # a generous budget: the machine running the tests may be shared; the smoke's own time is in meta.wall_s
     run = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--smoke", "--budget", "1200",
@@ -87,6 +101,11 @@ def test_fantasyid_flop_share_at_the_real_shapes():
     got = fid.flop_share(dict(extra), thw, text_len, *fid.layer_attention_shapes(3072))
     assert got == pytest.approx(want, rel=1e-12)
     assert 0.05 < got < 0.07
+
+
+def test_gpu_run_ships_the_comfyui_the_smoke_runs_on():
+    carry = (REPO / "scripts" / "gpu_carry.sh").read_text()
+    assert f"ARCHIVE_NAME=ComfyUI-{GPU_RUN_COMFYUI}.tar.xz" in carry
 
 
 def test_a_part_over_its_cap_is_reported_skipped():
