@@ -185,8 +185,8 @@ MUTANTS = [
      T_HJB_CUR),
     # --- identity metrics ------------------------------------------------------------------------------------------
     ("metrics.first_frame_as_reference", "nodes/face.py",
-     "ref = M.reference_vector(reference.embeddings(normalized=True))",
-     "ref = M.reference_vector(emb[:1] if emb.shape[0] else reference.embeddings(normalized=True))", T_METRICS),
+     "ref = M.reference_vector(refs)",
+     "ref = M.reference_vector(emb[:1] if emb.shape[0] else refs)", T_METRICS),
     ("metrics.previous_box", "likeness_blocks/metrics.py",
      "v = flow_magnitude_in_box(frames_gray[t - 1], frames_gray[t], boxes[t])",
      "v = flow_magnitude_in_box(frames_gray[t - 1], frames_gray[t], boxes[t - 1] if boxes[t - 1] is not None else boxes[t])",
