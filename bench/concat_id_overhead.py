@@ -8,6 +8,7 @@ Reports the ratio. On a CPU use fewer blocks (--blocks); the ratio per block is 
 every block sees the same token counts.
 
   python bench/concat_id_overhead.py --blocks 1 --frames 81 --height 480 --width 832
+  python bench/concat_id_overhead.py --frames 9 --height 240 --width 416 --repeats 3 --clock cpu   # shared CPU
 """
 
 import argparse
@@ -22,9 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 
 
-def measure(blocks, frames, height, width, repeats=1, dtype=torch.float32, fill_device=None):
+def measure(blocks, frames, height, width, repeats=1, dtype=torch.float32, fill_device=None, clock=time.perf_counter):
     """Seconds per diffusion-model call without and with the reference (best of `repeats`, after a warm-up on a
-    GPU or when repeating); ComfyUI and the pack already imported. fill_device: draw the random weights there."""
+    GPU or when repeating); ComfyUI and the pack already imported. fill_device: draw the random weights there.
+    clock=time.process_time (CPU): this process's CPU seconds, which other jobs on a shared machine disturb less."""
     import importlib
 
     import comfy.model_management as mm
@@ -63,13 +65,13 @@ def measure(blocks, frames, height, width, repeats=1, dtype=torch.float32, fill_
     def step(p, refs):
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         with torch.inference_mode():
             out = dm(x, t, ctx, time_dim_concat=refs, transformer_options=opts(p))
         if dev.type == "cuda":
             torch.cuda.synchronize()
         assert out.shape == x.shape
-        return time.perf_counter() - t0
+        return clock() - t0
 
     if repeats > 1 or dev.type == "cuda":
         step(patcher, None), step(patched, ref)  # warm-up
@@ -90,6 +92,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="cpu: process CPU time (both threads), less disturbed by other jobs on a shared machine")
     ap.add_argument("--comfyui", default=None,
                     help="ComfyUI folder (default: LIKENESS_COMFYUI, else the repo's .comfyui/ComfyUI)")
     a = ap.parse_args()
@@ -100,8 +104,10 @@ def main():
     import_comfy(cpu=a.device == "cpu")
     import_pack()
     r = measure(a.blocks, a.frames, a.height, a.width, a.repeats, getattr(torch, a.dtype),
-                fill_device="cuda" if a.device == "cuda" else None)
-    print(f"device {r['device']} ({r['threads']} threads), {a.dtype}, {a.blocks} block(s) of Wan 1.3B shape, "
+                fill_device="cuda" if a.device == "cuda" else None,
+                clock=time.process_time if a.clock == "cpu" else time.perf_counter)
+    print(f"device {r['device']} ({r['threads']} threads), {a.dtype}, {a.clock} clock, "
+          f"{a.blocks} block(s) of Wan 1.3B shape, "
           f"{a.frames} frames {a.height}x{a.width}: {r['video_tokens']} video tokens + {r['reference_tokens']} "
           "reference tokens")
     print(f"no reference: {r['plain_s']:.3f} s/step   with Concat-ID reference: {r['with_reference_s']:.3f} s/step   "

@@ -50,7 +50,8 @@ def grid(n):
 
 
 def measure(tiny=False, repeats=10, device=None):
-    """Seconds of the EVA02 face tokens and of the whole ID-token encoding (medians over repeats after warm-up)."""
+    """Seconds of the EVA02 face tokens and of the whole ID-token encoding (each the mean of repeats // 2 runs after
+    2 warm-up runs)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() and not tiny else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
