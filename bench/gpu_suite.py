@@ -376,11 +376,9 @@ def main():
                   flush=True)
     comfy_version = None
     try:
-        from support.paths import comfyui_dir
+        from support.paths import comfyui_version
 
-        ns = {}
-        exec((comfyui_dir() / "comfyui_version.py").read_text(), ns)
-        comfy_version = ns.get("__version__")
+        comfy_version = comfyui_version()
     except Exception:
         pass
     meta = {"smoke": a.smoke, "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,

@@ -20,18 +20,12 @@ GPU_RUN_COMFYUI = "0.33.0"  # scripts/gpu_carry.sh's ARCHIVE_NAME
 CUDA_ONLY = {"off: peak GPU memory (GiB)", "ours: peak GPU memory (GiB)", "upstream: peak GPU memory (GiB)"}
 
 
-def _comfyui_version():
-    from support.paths import comfyui_dir
-
-    ns = {}
-    exec((comfyui_dir() / "comfyui_version.py").read_text(), ns)
-    return ns.get("__version__")
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    # the GPU run ships ComfyUI 0.33.0 (scripts/gpu_carry.sh); its smoke (about 2 min) runs once per suite, there
-    version = _comfyui_version()
+    # the GPU run ships ComfyUI 0.33.0 (scripts/gpu_carry.sh); its smoke (39-125 s seen here) runs once per suite, there
+    from support.paths import comfyui_version
+
+    version = comfyui_version()
     if version != GPU_RUN_COMFYUI:
         pytest.skip(f"not in this ComfyUI version: the GPU suite runs on ComfyUI {GPU_RUN_COMFYUI} (scripts/gpu_carry.sh), "
                     f"this is {version}; its smoke runs in that version's pass of scripts/run_tests.sh")

@@ -11,3 +11,10 @@ def comfyui_dir() -> Path:
     if not (d / "main.py").is_file():
         raise RuntimeError(f"No ComfyUI at {d}: run `make setup` (scripts/setup_comfyui.sh) first")
     return d
+
+
+def comfyui_version() -> str:
+    """The version of the ComfyUI under test, from its comfyui_version.py (read, not imported)."""
+    ns = {}
+    exec((comfyui_dir() / "comfyui_version.py").read_text(), ns)
+    return ns["__version__"]
